@@ -1,0 +1,1315 @@
+-- =====================================================================================================
+-- WorldSpeakAI database schema: the seed design (shared/seed/database-design.ja.md) with its defects
+-- fixed, plus the tables of the metering and billing worker. This file is the single source of truth.
+--
+-- How it is applied: `python -m worker migrate` wraps the whole file in one transaction under an
+-- advisory lock. So this file contains no BEGIN/COMMIT and nothing that refuses to run in a transaction
+-- block (no CREATE INDEX CONCURRENTLY, no REINDEX CONCURRENTLY, no ALTER SYSTEM, no VACUUM).
+--
+-- Re-appliable: running it again changes nothing (IF NOT EXISTS, CREATE OR REPLACE, DROP POLICY IF
+-- EXISTS + CREATE POLICY, DO blocks that look at the catalogs first).
+--
+-- Runs on plain PostgreSQL 15+ and unchanged on Supabase. On plain PostgreSQL it creates the small part
+-- of Supabase it relies on (schema auth, auth.users, auth.uid(), roles anon / authenticated /
+-- service_role); on Supabase those already exist, belong to other roles, and are left alone.
+--
+-- Moved out of the schema on purpose (they are operations, not schema; see docs/operations.md):
+--   * the seed's backup role: it had a literal password in a versioned file, and roles are cluster-wide;
+--   * the seed's ALTER SYSTEM settings (WAL archiving): they cannot run in a transaction block and
+--     belong to server configuration (on Supabase they are not ours to change);
+--   * ANALYZE / REINDEX TABLE CONCURRENTLY: periodic maintenance, and CONCURRENTLY cannot run here.
+-- =====================================================================================================
+
+SET LOCAL client_min_messages = warning;  -- keep the "already exists, skipping" notices of a re-run quiet
+
+-- pgcrypto: pgp_sym_encrypt/decrypt for audio URLs. Supabase already has it (in schema `extensions`);
+-- plain PostgreSQL gets it in the first schema of the search path (public). Functions that use it set
+-- `search_path = pg_catalog, public, extensions, pg_temp` so both places are found.
+-- (uuid-ossp is not needed: the seed's uuid_generate_v4() is replaced by core gen_random_uuid().)
+CREATE EXTENSION IF NOT EXISTS pgcrypto;
+
+
+-- -----------------------------------------------------------------------------------------------------
+-- 1. The Supabase part, created only where missing
+-- -----------------------------------------------------------------------------------------------------
+
+-- Roles as Supabase defines them. Roles are cluster-wide, so two migrations of two databases of one
+-- cluster may race to create them: the loser's duplicate error is swallowed.
+DO $roles$
+DECLARE
+    v_role text;
+BEGIN
+    FOREACH v_role IN ARRAY ARRAY['anon', 'authenticated', 'service_role'] LOOP
+        IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = v_role) THEN
+            BEGIN
+                EXECUTE format(
+                    'CREATE ROLE %I NOLOGIN NOINHERIT%s',
+                    v_role,
+                    CASE WHEN v_role = 'service_role' THEN ' BYPASSRLS' ELSE '' END  -- the backend's role
+                );
+            EXCEPTION WHEN duplicate_object OR unique_violation THEN
+                NULL;  -- created meanwhile by a concurrent migration of another database
+            END;
+        END IF;
+    END LOOP;
+END
+$roles$;
+
+-- Schema auth, auth.users and auth.uid(). Checked in the catalogs rather than with CREATE ... IF NOT
+-- EXISTS: on Supabase these belong to supabase_auth_admin, and CREATE ... IF NOT EXISTS checks the
+-- CREATE privilege before it notices the object exists, so it could fail where nothing is to be done.
+DO $auth$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_namespace WHERE nspname = 'auth') THEN
+        CREATE SCHEMA auth;
+    END IF;
+
+    IF NOT EXISTS (
+        SELECT 1
+        FROM pg_catalog.pg_class c
+        JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+        WHERE n.nspname = 'auth' AND c.relname = 'users'
+    ) THEN
+        -- The columns of Supabase's auth.users that this schema reads (Supabase has many more).
+        CREATE TABLE auth.users (
+            id UUID PRIMARY KEY,
+            email TEXT,
+            raw_app_meta_data JSONB,   -- written by the service only: admin role lives here
+            raw_user_meta_data JSONB   -- editable by the user: never trusted for authorization
+        );
+    END IF;
+
+    IF NOT EXISTS (
+        SELECT 1
+        FROM pg_catalog.pg_proc p
+        JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace
+        WHERE n.nspname = 'auth' AND p.proname = 'uid' AND p.pronargs = 0
+    ) THEN
+        -- As Supabase does: the `sub` claim of the JWT that PostgREST puts in request.jwt.claims
+        -- (older PostgREST versions set request.jwt.claim.sub). NULL when there is no JWT.
+        CREATE FUNCTION auth.uid() RETURNS UUID
+        LANGUAGE sql STABLE
+        AS $uid$
+            SELECT nullif(
+                coalesce(
+                    nullif(current_setting('request.jwt.claims', true), '')::jsonb ->> 'sub',
+                    current_setting('request.jwt.claim.sub', true)
+                ),
+                ''
+            )::uuid
+        $uid$;
+    END IF;
+END
+$auth$;
+
+-- Schema usage the way Supabase grants it; only where missing, because on Supabase the schema auth
+-- belongs to another role (a GRANT there would only warn that nothing was granted).
+DO $schema_usage$
+DECLARE
+    v_role text;
+    v_schema text;
+BEGIN
+    FOREACH v_schema IN ARRAY ARRAY['auth', 'public'] LOOP
+        FOREACH v_role IN ARRAY ARRAY['anon', 'authenticated', 'service_role'] LOOP
+            IF NOT has_schema_privilege(v_role, v_schema, 'USAGE') THEN
+                EXECUTE format('GRANT USAGE ON SCHEMA %I TO %I', v_schema, v_role);
+            END IF;
+        END LOOP;
+    END LOOP;
+END
+$schema_usage$;
+
+
+-- -----------------------------------------------------------------------------------------------------
+-- 2. Helper functions
+--    Every function fixes its search_path (defect of the seed: SECURITY DEFINER functions without one
+--    can be hijacked by objects a caller puts earlier in the path). No function reads NOW() for
+--    business logic: business times come from the worker (only the updated_at bookkeeping does).
+-- -----------------------------------------------------------------------------------------------------
+
+-- updated_at bookkeeping (seed). Changed from the seed: an UPDATE that sets updated_at explicitly keeps
+-- that value, so the worker can stamp rows with its own clock (business time comes from Python).
+CREATE OR REPLACE FUNCTION update_updated_at()
+RETURNS TRIGGER
+LANGUAGE plpgsql
+SET search_path = pg_catalog, public, pg_temp
+AS $$
+BEGIN
+    IF NEW.updated_at IS NOT DISTINCT FROM OLD.updated_at THEN
+        NEW.updated_at := now();
+    END IF;
+    RETURN NEW;
+END;
+$$;
+
+-- Whether the caller is an admin. Reads raw_app_meta_data, which only the service can write. The seed's
+-- policy read raw_user_meta_data, which every user can edit through the auth API (defect: anyone could
+-- make themselves admin). SECURITY DEFINER because authenticated may not read auth.users.
+CREATE OR REPLACE FUNCTION is_admin()
+RETURNS BOOLEAN
+LANGUAGE sql STABLE SECURITY DEFINER
+SET search_path = pg_catalog, public, extensions, pg_temp
+AS $$
+    SELECT EXISTS (
+        SELECT 1
+        FROM auth.users u
+        WHERE u.id = auth.uid()
+          AND u.raw_app_meta_data ->> 'role' = 'admin'
+    )
+$$;
+
+-- Adds two JSON objects of numbers key by key ({"en": 1.5} + {"en": 0.5, "ja": 2} = {"en": 2.0, "ja": 2});
+-- NULL or a non-object counts as {}. Used by the worker in ON CONFLICT DO UPDATE to add language
+-- seconds and feature counts to usage_tracking. numeric arithmetic, so decimals add exactly.
+CREATE OR REPLACE FUNCTION jsonb_sum_merge(a JSONB, b JSONB)
+RETURNS JSONB
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT coalesce(jsonb_object_agg(key, total), '{}'::jsonb)
+    FROM (
+        SELECT e.key, sum(e.value::numeric) AS total
+        FROM (
+            SELECT * FROM jsonb_each(CASE WHEN jsonb_typeof(a) = 'object' THEN a ELSE '{}'::jsonb END)
+            UNION ALL
+            SELECT * FROM jsonb_each(CASE WHEN jsonb_typeof(b) = 'object' THEN b ELSE '{}'::jsonb END)
+        ) AS e
+        GROUP BY e.key
+    ) AS sums
+$$;
+
+-- The time zone to use for a user's calendar (free-plan months): tz when PostgreSQL knows it, else 'UTC'
+-- (profiles.timezone is free text and may be empty or misspelt). Tried on a fixed instant, not NOW().
+CREATE OR REPLACE FUNCTION worker_timezone(tz TEXT)
+RETURNS TEXT
+LANGUAGE plpgsql STABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF tz IS NULL OR btrim(tz) = '' THEN
+        RETURN 'UTC';
+    END IF;
+    PERFORM TIMESTAMPTZ '2000-01-01 00:00:00+00' AT TIME ZONE tz;
+    RETURN tz;
+EXCEPTION WHEN data_exception THEN  -- 22023 "time zone ... not recognized" and kin
+    RETURN 'UTC';
+END;
+$$;
+
+-- Billing-period arithmetic, in SQL so that the worker's set-based statements (worker/periods.py,
+-- worker/quota.py) and any other caller agree. p_tz must be a zone PostgreSQL knows: pass
+-- worker_timezone(profiles.timezone).
+--   * Calendar periods (free plan, and any subscription without a Stripe subscription): months of the
+--     user's zone. A boundary is local midnight of the 1st, as an instant. Where that local time does not
+--     exist or happens twice (a DST change at midnight), PostgreSQL picks one instant; the comparisons
+--     below keep the periods tiling time without gaps or empty periods all the same.
+--   * Stripe periods: predicted one month at a time in UTC (Stripe's clock) until Stripe sends the real
+--     bounds.
+-- The period containing p_at starts at calendar_month_start(p_at, tz) (inclusive) and ends at
+-- next_period_end(p_at, tz, true) (exclusive).
+CREATE OR REPLACE FUNCTION calendar_month_start(p_at TIMESTAMPTZ, p_tz TEXT)
+RETURNS TIMESTAMPTZ
+LANGUAGE sql STABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT (CASE WHEN (m AT TIME ZONE p_tz) <= p_at THEN m ELSE m - INTERVAL '1 month' END) AT TIME ZONE p_tz
+    FROM (SELECT date_trunc('month', p_at AT TIME ZONE p_tz) AS m) AS local_month
+$$;
+
+-- The end of the period that contains p_at (calendar), or that starts at p_at (Stripe prediction).
+CREATE OR REPLACE FUNCTION next_period_end(p_at TIMESTAMPTZ, p_tz TEXT, p_calendar BOOLEAN)
+RETURNS TIMESTAMPTZ
+LANGUAGE sql STABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT CASE
+        WHEN p_calendar THEN
+            (CASE WHEN (m AT TIME ZONE p_tz) <= p_at THEN m ELSE m - INTERVAL '1 month' END
+             + INTERVAL '1 month') AT TIME ZONE p_tz
+        ELSE (p_at AT TIME ZONE 'UTC' + INTERVAL '1 month') AT TIME ZONE 'UTC'
+    END
+    FROM (SELECT date_trunc('month', p_at AT TIME ZONE p_tz) AS m) AS local_month
+$$;
+
+-- The start of the period that ends at p_end: the previous month start (calendar; when p_end is not a
+-- month boundary, e.g. after the user changed zone, the start of its own month, a partial period), or
+-- one month earlier (Stripe prediction).
+CREATE OR REPLACE FUNCTION previous_period_start(
+    p_end TIMESTAMPTZ, p_tz TEXT, p_calendar BOOLEAN DEFAULT TRUE
+)
+RETURNS TIMESTAMPTZ
+LANGUAGE sql STABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT CASE
+        WHEN p_calendar THEN
+            (CASE WHEN (m AT TIME ZONE p_tz) < p_end THEN m ELSE m - INTERVAL '1 month' END) AT TIME ZONE p_tz
+        ELSE (p_end AT TIME ZONE 'UTC' - INTERVAL '1 month') AT TIME ZONE 'UTC'
+    END
+    FROM (SELECT date_trunc('month', p_end AT TIME ZONE p_tz) AS m) AS local_month
+$$;
+
+
+-- -----------------------------------------------------------------------------------------------------
+-- 3. Seed tables (names, columns and types as in the seed; additions are marked "added")
+--    uuid_generate_v4() (uuid-ossp) is replaced by core gen_random_uuid(): same kind of value, no
+--    extension needed.
+-- -----------------------------------------------------------------------------------------------------
+
+-- 3.1 profiles
+CREATE TABLE IF NOT EXISTS profiles (
+    id UUID PRIMARY KEY REFERENCES auth.users (id) ON DELETE CASCADE,
+    email TEXT UNIQUE NOT NULL,
+    full_name TEXT NOT NULL,
+    avatar_url TEXT,
+
+    native_language TEXT NOT NULL,
+    target_languages TEXT[] NOT NULL DEFAULT '{}',
+    current_language_pair JSONB,                    -- {native: 'ja', target: 'en'}
+
+    proficiency_levels JSONB DEFAULT '{}',          -- {en: 'intermediate', zh: 'beginner'}
+
+    timezone TEXT DEFAULT 'UTC',                    -- free-plan months follow it (see worker_timezone)
+    preferred_learning_time JSONB,                  -- {start: '09:00', end: '10:00'}
+    learning_style TEXT CHECK (learning_style IN ('visual', 'auditory', 'kinesthetic')),
+
+    created_at TIMESTAMPTZ DEFAULT NOW(),
+    updated_at TIMESTAMPTZ DEFAULT NOW(),
+    last_active_at TIMESTAMPTZ DEFAULT NOW(),
+    is_active BOOLEAN DEFAULT TRUE,
+
+    preferences JSONB DEFAULT '{
+      "notifications": true,
+      "email_updates": true,
+      "show_pronunciation_guide": true,
+      "auto_play_responses": true
+    }'::jsonb
+);
+
+-- (the UNIQUE constraint already indexes email; the seed's index is kept under its name for fidelity)
+CREATE INDEX IF NOT EXISTS idx_profiles_email ON profiles (email);
+CREATE INDEX IF NOT EXISTS idx_profiles_native_language ON profiles (native_language);
+CREATE INDEX IF NOT EXISTS idx_profiles_target_languages ON profiles USING GIN (target_languages);
+CREATE INDEX IF NOT EXISTS idx_profiles_last_active ON profiles (last_active_at DESC);
+CREATE INDEX IF NOT EXISTS idx_profiles_preferences ON profiles USING GIN (preferences);
+
+-- 3.2 language_settings
+CREATE TABLE IF NOT EXISTS language_settings (
+    id UUID PRIMARY KEY DEFAULT gen_random_uuid(),
+    user_id UUID NOT NULL REFERENCES profiles (id) ON DELETE CASCADE,
+    language_code TEXT NOT NULL,
+
+    proficiency_level TEXT NOT NULL
+        CHECK (proficiency_level IN ('beginner', 'elementary', 'intermediate', 'advanced', 'native')),
+    learning_goals TEXT[],
+    daily_target_minutes INTEGER DEFAULT 30,
+
+    preferred_voice_id TEXT,
+    speech_rate DECIMAL(2, 1) DEFAULT 1.0 CHECK (speech_rate BETWEEN 0.5 AND 2.0),
+
+    total_learning_minutes INTEGER DEFAULT 0,
+    total_conversations INTEGER DEFAULT 0,
+    vocabulary_mastered INTEGER DEFAULT 0,
+
+    created_at TIMESTAMPTZ DEFAULT NOW(),
+    updated_at TIMESTAMPTZ DEFAULT NOW(),
+
+    UNIQUE (user_id, language_code)
+);
+
+CREATE INDEX IF NOT EXISTS idx_language_settings_user_language ON language_settings (user_id, language_code);
+
+-- 3.3 conversations
+CREATE TABLE IF NOT EXISTS conversations (
+    id UUID PRIMARY KEY DEFAULT gen_random_uuid(),
+    user_id UUID NOT NULL REFERENCES profiles (id) ON DELETE CASCADE,
+
+    title TEXT,
+    language_pair JSONB NOT NULL,                   -- {native: 'ja', target: 'en'}
+    scenario TEXT NOT NULL,
+    specialization TEXT,
+    difficulty_level INTEGER CHECK (difficulty_level BETWEEN 1 AND 10),
+
+    script_id UUID,
+    script_enabled BOOLEAN DEFAULT TRUE,
+    script_adherence_score DECIMAL(3, 2),
+
+    started_at TIMESTAMPTZ DEFAULT NOW(),
+    ended_at TIMESTAMPTZ,                           -- setting it fires the learning-progress triggers
+    duration_seconds INTEGER,
+    actual_speaking_time INTEGER,
+
+    message_count INTEGER DEFAULT 0,
+    user_message_count INTEGER DEFAULT 0,
+    ai_message_count INTEGER DEFAULT 0,
+    words_spoken INTEGER DEFAULT 0,
+    unique_words_used INTEGER DEFAULT 0,
+
+    fluency_score DECIMAL(3, 2),
+    accuracy_score DECIMAL(3, 2),
+    pronunciation_score DECIMAL(3, 2),
+    overall_score DECIMAL(3, 2),
+
+    created_at TIMESTAMPTZ DEFAULT NOW(),
+    metadata JSONB DEFAULT '{}'::jsonb
+);
+
+CREATE INDEX IF NOT EXISTS idx_conversations_user_id ON conversations (user_id);
+CREATE INDEX IF NOT EXISTS idx_conversations_language_pair ON conversations USING GIN (language_pair);
+CREATE INDEX IF NOT EXISTS idx_conversations_created_at ON conversations (created_at DESC);
+CREATE INDEX IF NOT EXISTS idx_conversations_scenario ON conversations (scenario);
+CREATE INDEX IF NOT EXISTS idx_conversations_ended_at ON conversations (ended_at) WHERE ended_at IS NOT NULL;
+CREATE INDEX IF NOT EXISTS idx_conversations_user_date ON conversations (user_id, created_at DESC);
+-- Seed defect: `WHERE created_at > NOW() - INTERVAL '30 days'` is refused (functions in an index
+-- predicate must be IMMUTABLE), and a moving window cannot be indexed anyway. The predicate is dropped:
+-- the index serves "recent conversations of a user" queries with a range condition on created_at. (It
+-- covers the same keys as idx_conversations_user_date; the seed's name is kept for queries and tools.)
+CREATE INDEX IF NOT EXISTS idx_recent_conversations ON conversations (user_id, created_at);
+
+ALTER TABLE conversations SET (autovacuum_vacuum_scale_factor = 0.1);  -- seed maintenance setting
+
+-- 3.4 messages: partitioned by month of created_at (UTC months).
+-- Seed defect: it built `messages_partitioned`, a copy of messages with no default partition, so rows of
+-- a month without a partition failed to insert and nothing used the copy. Here messages itself is
+-- partitioned. The primary key must contain the partition key, hence PRIMARY KEY (id, created_at) and
+-- created_at NOT NULL (id alone stays unique in practice: it is a random UUID).
+CREATE TABLE IF NOT EXISTS messages (
+    id UUID NOT NULL DEFAULT gen_random_uuid(),
+    conversation_id UUID NOT NULL REFERENCES conversations (id) ON DELETE CASCADE,
+    user_id UUID NOT NULL REFERENCES profiles (id) ON DELETE CASCADE,
+
+    content TEXT NOT NULL,
+    language TEXT NOT NULL,
+    translated_content JSONB,                       -- {ja: '...', en: '...'}
+
+    is_ai BOOLEAN DEFAULT FALSE,
+    message_type TEXT CHECK (message_type IN ('user_speech', 'ai_response', 'script_suggestion', 'system')),
+
+    audio_url TEXT,                                 -- encrypted with encrypt_audio_url()
+    audio_duration_ms INTEGER,
+
+    pronunciation_analysis JSONB,
+    grammar_corrections JSONB,
+    vocabulary_highlights JSONB,
+
+    created_at TIMESTAMPTZ NOT NULL DEFAULT NOW(),  -- NOT NULL added: it is the partition key
+
+    metadata JSONB DEFAULT '{}'::jsonb,
+
+    PRIMARY KEY (id, created_at)
+) PARTITION BY RANGE (created_at);
+
+-- Rows of months without their own partition land here instead of failing; create_monthly_partition()
+-- moves them out when their month gets a partition. maintenance.ensure_partitions creates months ahead.
+CREATE TABLE IF NOT EXISTS messages_default PARTITION OF messages DEFAULT;
+-- The seed's autovacuum setting for messages; a partitioned table stores no rows and takes no storage
+-- parameters, so it goes on every partition (create_monthly_partition sets it on new ones).
+ALTER TABLE messages_default SET (autovacuum_vacuum_scale_factor = 0.05);
+
+-- Indexes on the partitioned parent: every partition, present and future, gets them.
+CREATE INDEX IF NOT EXISTS idx_messages_conversation_id ON messages (conversation_id);
+CREATE INDEX IF NOT EXISTS idx_messages_created_at ON messages (created_at);
+CREATE INDEX IF NOT EXISTS idx_messages_user_language ON messages (user_id, language);
+CREATE INDEX IF NOT EXISTS idx_messages_type ON messages (message_type);
+CREATE INDEX IF NOT EXISTS idx_messages_conv_created ON messages (conversation_id, created_at);
+CREATE INDEX IF NOT EXISTS idx_messages_metadata ON messages USING GIN (metadata);
+
+-- 3.5 conversation_scripts
+CREATE TABLE IF NOT EXISTS conversation_scripts (
+    id UUID PRIMARY KEY DEFAULT gen_random_uuid(),
+
+    title TEXT NOT NULL,
+    description TEXT,
+    language_pair JSONB NOT NULL,
+    scenario TEXT NOT NULL,
+    difficulty_level INTEGER CHECK (difficulty_level BETWEEN 1 AND 10),
+    estimated_duration_minutes INTEGER,
+
+    script_segments JSONB NOT NULL,                 -- [{order: 1, speaker: 'user', text: '...', ...}]
+    cultural_notes JSONB,
+    vocabulary_focus JSONB,
+
+    category TEXT NOT NULL,
+    tags TEXT[],
+    specialization TEXT,
+
+    usage_count INTEGER DEFAULT 0,
+    average_rating DECIMAL(2, 1),
+    completion_rate DECIMAL(3, 2),
+
+    created_at TIMESTAMPTZ DEFAULT NOW(),
+    updated_at TIMESTAMPTZ DEFAULT NOW(),
+    -- ON DELETE SET NULL added: with the seed's default (NO ACTION) a user who once wrote a script
+    -- could never be deleted; the script outlives its author.
+    created_by UUID REFERENCES profiles (id) ON DELETE SET NULL,
+    is_premium BOOLEAN DEFAULT FALSE
+);
+
+CREATE INDEX IF NOT EXISTS idx_scripts_language_pair ON conversation_scripts USING GIN (language_pair);
+CREATE INDEX IF NOT EXISTS idx_scripts_scenario ON conversation_scripts (scenario);
+CREATE INDEX IF NOT EXISTS idx_scripts_category ON conversation_scripts (category);
+CREATE INDEX IF NOT EXISTS idx_scripts_tags ON conversation_scripts USING GIN (tags);
+
+-- 3.6 subscriptions: one row per user (unique user_id), always holding the user's current period.
+CREATE TABLE IF NOT EXISTS subscriptions (
+    id UUID PRIMARY KEY DEFAULT gen_random_uuid(),
+    user_id UUID NOT NULL REFERENCES profiles (id) ON DELETE CASCADE,
+
+    plan_type TEXT NOT NULL DEFAULT 'free' CHECK (plan_type IN ('free', 'standard', 'premium', 'enterprise')),
+    status TEXT NOT NULL DEFAULT 'active' CHECK (status IN ('active', 'canceled', 'past_due', 'paused')),
+
+    current_period_start TIMESTAMPTZ NOT NULL DEFAULT NOW(),
+    current_period_end TIMESTAMPTZ NOT NULL DEFAULT (NOW() + INTERVAL '30 days'),
+    trial_end TIMESTAMPTZ,
+    cancel_at_period_end BOOLEAN DEFAULT FALSE,
+    canceled_at TIMESTAMPTZ,
+
+    monthly_minutes_limit INTEGER NOT NULL DEFAULT 60,  -- Free: 60, Standard: 900, Premium: 3000
+    -- Whole-minute view of the exact period total kept in usage_periods.used_ms (milliseconds). The seed
+    -- trigger that fed it (integer seconds / 60 per row) is gone: see section 5.
+    monthly_minutes_used INTEGER DEFAULT 0,
+    -- Seed defect: the default truncated NOW() in the server's time zone; the month is now the UTC one.
+    -- (The worker keeps reset_date = the end of the user's current period anyway.)
+    reset_date DATE NOT NULL
+        DEFAULT ((date_trunc('month', NOW() AT TIME ZONE 'UTC') + INTERVAL '1 month')::date),
+
+    stripe_customer_id TEXT,
+    stripe_subscription_id TEXT,
+    payment_method_id TEXT,
+
+    monthly_price_cents INTEGER,
+    currency TEXT DEFAULT 'USD',
+
+    created_at TIMESTAMPTZ DEFAULT NOW(),
+    updated_at TIMESTAMPTZ DEFAULT NOW(),
+    metadata JSONB DEFAULT '{}'::jsonb,
+
+    -- added: when the period's usage reached 100 % of the limit (the quota answers "blocked"); NULL
+    -- while under the limit. Usage past it is still recorded (as overage).
+    limit_reached_at TIMESTAMPTZ,
+    -- added: Stripe's own status (trialing, unpaid, incomplete...), which `status` maps to the seed's four.
+    stripe_status TEXT,
+    -- added: the Stripe price of the subscription, which decides plan_type and the limit.
+    stripe_price_id TEXT,
+    -- added: Stripe `created` time and id of the event whose state was last applied. Events arrive out
+    -- of order; one older than stripe_state_at never overwrites the newer state.
+    stripe_state_at TIMESTAMPTZ,
+    stripe_state_event_id TEXT
+);
+
+CREATE UNIQUE INDEX IF NOT EXISTS idx_subscriptions_user_id ON subscriptions (user_id);
+CREATE INDEX IF NOT EXISTS idx_subscriptions_status ON subscriptions (status);
+CREATE INDEX IF NOT EXISTS idx_subscriptions_reset_date ON subscriptions (reset_date);
+CREATE INDEX IF NOT EXISTS idx_subscriptions_stripe_customer ON subscriptions (stripe_customer_id)
+    WHERE stripe_customer_id IS NOT NULL;
+CREATE INDEX IF NOT EXISTS idx_active_subscriptions ON subscriptions (user_id) WHERE status = 'active';
+-- added: Stripe webhooks find the row by subscription id, and one Stripe subscription belongs to one user.
+CREATE UNIQUE INDEX IF NOT EXISTS idx_subscriptions_stripe_subscription
+    ON subscriptions (stripe_subscription_id)
+    WHERE stripe_subscription_id IS NOT NULL;
+
+-- 3.7 usage_tracking: one row per user and UTC hour, maintained by the worker from the usage_events
+-- ledger (and rebuildable from it with `python -m worker rebuild-usage`).
+CREATE TABLE IF NOT EXISTS usage_tracking (
+    id UUID PRIMARY KEY DEFAULT gen_random_uuid(),
+    user_id UUID NOT NULL REFERENCES profiles (id) ON DELETE CASCADE,
+
+    tracked_at TIMESTAMPTZ NOT NULL DEFAULT NOW(),
+    -- Seed defect: CURRENT_DATE and EXTRACT(HOUR FROM NOW()) follow the server's time zone, so the
+    -- bucket of a row depended on the session. Buckets are UTC dates and hours.
+    date DATE NOT NULL DEFAULT ((NOW() AT TIME ZONE 'UTC')::date),
+    hour INTEGER NOT NULL DEFAULT (EXTRACT(HOUR FROM (NOW() AT TIME ZONE 'UTC'))::int)
+        CHECK (hour BETWEEN 0 AND 23),
+
+    -- Whole-second view of microphone_ms: floor(microphone_ms / 1000), kept so by a trigger (section 5).
+    microphone_seconds INTEGER NOT NULL DEFAULT 0,
+    conversation_count INTEGER DEFAULT 0,
+    message_count INTEGER DEFAULT 0,
+
+    -- Language -> seconds in the hour, JSON numbers with up to 3 decimals (exact milliseconds).
+    language_breakdown JSONB DEFAULT '{}'::jsonb,
+    feature_usage JSONB DEFAULT '{}'::jsonb,        -- feature -> event count
+
+    is_aggregated BOOLEAN DEFAULT FALSE,
+
+    -- added: exact usage in the hour in milliseconds (integer seconds lost fractions: 120 events of 0.5 s
+    -- must make exactly 60 s).
+    microphone_ms BIGINT NOT NULL DEFAULT 0 CHECK (microphone_ms >= 0),
+    -- added: how much of microphone_ms maintenance.aggregate_usage has already rolled into
+    -- learning_progress, so usage arriving after an hour was aggregated is rolled up exactly once.
+    aggregated_ms BIGINT NOT NULL DEFAULT 0 CHECK (aggregated_ms >= 0),
+
+    UNIQUE (user_id, date, hour)
+);
+
+CREATE INDEX IF NOT EXISTS idx_usage_tracking_user_date ON usage_tracking (user_id, date DESC);
+CREATE INDEX IF NOT EXISTS idx_usage_tracking_aggregation ON usage_tracking (is_aggregated, date)
+    WHERE NOT is_aggregated;
+
+-- 3.8 learning_progress
+CREATE TABLE IF NOT EXISTS learning_progress (
+    id UUID PRIMARY KEY DEFAULT gen_random_uuid(),
+    user_id UUID NOT NULL REFERENCES profiles (id) ON DELETE CASCADE,
+    language_code TEXT NOT NULL,
+
+    speaking_level DECIMAL(3, 2) DEFAULT 0.0,
+    listening_level DECIMAL(3, 2) DEFAULT 0.0,
+    vocabulary_size INTEGER DEFAULT 0,
+    grammar_accuracy DECIMAL(3, 2) DEFAULT 0.0,
+    pronunciation_accuracy DECIMAL(3, 2) DEFAULT 0.0,
+    fluency_score DECIMAL(3, 2) DEFAULT 0.0,
+
+    -- Study time comes from metered microphone time (maintenance.aggregate_usage), not from conversations.
+    total_study_time_minutes INTEGER DEFAULT 0,
+    consecutive_days INTEGER DEFAULT 0,
+    last_study_date DATE,
+
+    weekly_goal_minutes INTEGER DEFAULT 210,        -- 30 minutes x 7 days
+    weekly_achieved_minutes INTEGER DEFAULT 0,
+
+    topic_mastery JSONB DEFAULT '{}'::jsonb,        -- {business: 0.7, travel: 0.5}
+
+    created_at TIMESTAMPTZ DEFAULT NOW(),
+    updated_at TIMESTAMPTZ DEFAULT NOW(),
+
+    UNIQUE (user_id, language_code)
+);
+
+CREATE INDEX IF NOT EXISTS idx_learning_progress_user_language ON learning_progress (user_id, language_code);
+CREATE INDEX IF NOT EXISTS idx_learning_progress_streak ON learning_progress (consecutive_days DESC);
+
+-- 3.9 achievements
+CREATE TABLE IF NOT EXISTS achievements (
+    id UUID PRIMARY KEY DEFAULT gen_random_uuid(),
+    user_id UUID NOT NULL REFERENCES profiles (id) ON DELETE CASCADE,
+
+    achievement_type TEXT NOT NULL,
+    achievement_code TEXT NOT NULL,
+    name JSONB NOT NULL,                            -- {en: 'First Conversation', ja: '初めての会話'}
+    description JSONB NOT NULL,
+    icon_url TEXT,
+
+    criteria JSONB NOT NULL,
+    progress DECIMAL(5, 2) DEFAULT 0.0,
+
+    earned_at TIMESTAMPTZ,
+    is_earned BOOLEAN DEFAULT FALSE,
+
+    reward_type TEXT,
+    reward_value INTEGER,
+
+    category TEXT NOT NULL,
+    tier TEXT CHECK (tier IN ('bronze', 'silver', 'gold', 'platinum')),
+    display_order INTEGER,
+
+    created_at TIMESTAMPTZ DEFAULT NOW(),
+
+    UNIQUE (user_id, achievement_code)
+);
+
+CREATE INDEX IF NOT EXISTS idx_achievements_user_earned ON achievements (user_id, is_earned);
+CREATE INDEX IF NOT EXISTS idx_achievements_category ON achievements (category);
+
+-- 3.10 audit_logs (append-only; no foreign key on user_id: the trail outlives deleted users)
+CREATE TABLE IF NOT EXISTS audit_logs (
+    id UUID PRIMARY KEY DEFAULT gen_random_uuid(),
+    user_id UUID,                                   -- whose row changed (subscriptions.user_id / profiles.id)
+    action TEXT NOT NULL,                           -- INSERT / UPDATE / DELETE
+    table_name TEXT NOT NULL,
+    record_id UUID,
+    old_values JSONB,
+    new_values JSONB,
+    ip_address INET,
+    user_agent TEXT,
+    created_at TIMESTAMPTZ DEFAULT NOW(),
+
+    -- added: who caused the change. The setting app.actor when the worker set it (e.g. 'stripe:evt_123'),
+    -- else 'user:<uid>' for a signed-in user, else the database role. The seed's user_id = auth.uid()
+    -- was NULL for every change the backend made, so a Stripe-driven change named no cause.
+    actor TEXT
+);
+
+-- added: users read their own trail (RLS filters on user_id), newest first.
+CREATE INDEX IF NOT EXISTS idx_audit_logs_user_created ON audit_logs (user_id, created_at DESC);
+
+
+-- -----------------------------------------------------------------------------------------------------
+-- 4. Worker tables. Only the worker (table owner / service_role) touches them: RLS is enabled with no
+--    policy and anon / authenticated have no privileges (section 8).
+-- -----------------------------------------------------------------------------------------------------
+
+-- The usage ledger: one row per accepted microphone-usage event, the source of truth for usage.
+-- The primary key is the idempotency key: an event id counts once, forever.
+CREATE TABLE IF NOT EXISTS usage_events (
+    event_id TEXT PRIMARY KEY CHECK (char_length(event_id) BETWEEN 1 AND 128),
+    user_id UUID NOT NULL REFERENCES profiles (id) ON DELETE CASCADE,
+    started_at TIMESTAMPTZ NOT NULL,
+    duration_ms BIGINT NOT NULL CHECK (duration_ms > 0),
+    language TEXT NOT NULL,
+    conversation_id UUID,                           -- no foreign key: usage outlives a deleted conversation
+    feature TEXT,
+    received_at TIMESTAMPTZ NOT NULL
+);
+
+CREATE INDEX IF NOT EXISTS idx_usage_events_user_started ON usage_events (user_id, started_at);
+-- "distinct conversations among the events of an hour" and per-conversation look-ups
+CREATE INDEX IF NOT EXISTS idx_usage_events_user_conversation
+    ON usage_events (user_id, conversation_id, started_at)
+    WHERE conversation_id IS NOT NULL;
+
+-- Conversations already counted in a user's UTC hour: usage_tracking.conversation_count counts distinct
+-- conversations per hour, and events of one conversation arrive in many batches. A batch inserts its
+-- (user, hour, conversation) keys here and counts only the ones that were new (ON CONFLICT DO NOTHING
+-- ... RETURNING), so a conversation is counted once per hour whatever the batching.
+CREATE TABLE IF NOT EXISTS usage_hour_conversations (
+    user_id UUID NOT NULL REFERENCES profiles (id) ON DELETE CASCADE,
+    hour_start TIMESTAMPTZ NOT NULL
+        CHECK (date_trunc('hour', hour_start AT TIME ZONE 'UTC') = hour_start AT TIME ZONE 'UTC'),
+    conversation_id UUID NOT NULL,
+    PRIMARY KEY (user_id, hour_start, conversation_id)
+);
+
+-- Stripe webhook inbox: stored (id unique) before the webhook is answered, then processed by
+-- stripe.process_event; processed_at/outcome record how it ended.
+CREATE TABLE IF NOT EXISTS stripe_events (
+    id TEXT PRIMARY KEY,                            -- Stripe's event id (evt_...)
+    type TEXT NOT NULL,
+    created TIMESTAMPTZ NOT NULL,                   -- Stripe's `created`: orders events of one object
+    api_version TEXT,
+    livemode BOOLEAN,
+    payload JSONB NOT NULL,
+    received_at TIMESTAMPTZ NOT NULL,
+    processed_at TIMESTAMPTZ,
+    outcome TEXT CHECK (outcome IN ('applied', 'ignored', 'stale', 'dead_lettered')),
+    attempts INTEGER NOT NULL DEFAULT 0 CHECK (attempts >= 0),
+    last_error TEXT,
+    last_attempt_at TIMESTAMPTZ
+);
+
+-- maintenance.sweep finds inbox rows left unprocessed
+CREATE INDEX IF NOT EXISTS idx_stripe_events_unprocessed ON stripe_events (received_at)
+    WHERE processed_at IS NULL;
+
+-- Events that cannot be applied: kept with a readable reason, replayable.
+CREATE TABLE IF NOT EXISTS dead_letters (
+    id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    source TEXT NOT NULL,                           -- 'usage', 'stripe', ...
+    ref TEXT,                                       -- usage event id or Stripe event id when known
+    task_name TEXT,
+    payload JSONB NOT NULL,
+    reason TEXT NOT NULL,
+    created_at TIMESTAMPTZ NOT NULL,
+    replayed_at TIMESTAMPTZ,
+    replay_count INTEGER NOT NULL DEFAULT 0 CHECK (replay_count >= 0),
+    last_replay_at TIMESTAMPTZ
+);
+
+CREATE INDEX IF NOT EXISTS idx_dead_letters_pending ON dead_letters (created_at) WHERE replayed_at IS NULL;
+-- added beyond the contract: find the dead letters of one event (replays, operators' look-ups)
+CREATE INDEX IF NOT EXISTS idx_dead_letters_ref ON dead_letters (source, ref) WHERE ref IS NOT NULL;
+
+-- One row per user and period; the open row of the current period has archived_at NULL. At the period's
+-- end it is archived (exactly once) and the next period's row starts.
+CREATE TABLE IF NOT EXISTS usage_periods (
+    id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    user_id UUID NOT NULL REFERENCES profiles (id) ON DELETE CASCADE,
+    period_start TIMESTAMPTZ NOT NULL,
+    period_end TIMESTAMPTZ NOT NULL,
+    plan_type TEXT NOT NULL,
+    monthly_minutes_limit INTEGER NOT NULL,
+    limit_ms BIGINT NOT NULL CHECK (limit_ms >= 0),
+    used_ms BIGINT NOT NULL DEFAULT 0 CHECK (used_ms >= 0),
+    overage_ms BIGINT GENERATED ALWAYS AS (GREATEST(used_ms - limit_ms, 0)) STORED,
+    archived_at TIMESTAMPTZ,
+    created_at TIMESTAMPTZ NOT NULL DEFAULT NOW(),
+    CHECK (period_end > period_start),
+    UNIQUE (user_id, period_start)
+);
+
+CREATE INDEX IF NOT EXISTS idx_usage_periods_user_end ON usage_periods (user_id, period_end);
+
+-- Limit alerts: at most one per user, period and threshold.
+CREATE TABLE IF NOT EXISTS usage_alerts (
+    id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    user_id UUID NOT NULL REFERENCES profiles (id) ON DELETE CASCADE,
+    period_start TIMESTAMPTZ NOT NULL,
+    threshold_percent SMALLINT NOT NULL CHECK (threshold_percent IN (80, 100)),
+    used_ms BIGINT NOT NULL,
+    limit_ms BIGINT NOT NULL,
+    triggered_at TIMESTAMPTZ NOT NULL,
+    UNIQUE (user_id, period_start, threshold_percent)
+);
+
+-- Last run of each periodic job (operators and health checks read it).
+CREATE TABLE IF NOT EXISTS maintenance_runs (
+    job TEXT PRIMARY KEY,
+    last_started_at TIMESTAMPTZ,
+    last_succeeded_at TIMESTAMPTZ,
+    last_duration_ms INTEGER,
+    last_error TEXT
+);
+
+
+-- -----------------------------------------------------------------------------------------------------
+-- 5. Functions and triggers on the seed tables
+-- -----------------------------------------------------------------------------------------------------
+
+-- Seed defect, not carried over: the trigger `trigger_track_usage` / function track_microphone_usage()
+-- on usage_tracking. It added NEW.microphone_seconds / 60 in integers (anything under a minute was lost),
+-- read then wrote the subscription without a lock (concurrent inserts lost updates), and raised an
+-- exception over the limit, which rolled the usage back (usage is a fact and must be kept). Usage is now
+-- metered by the worker (metering.record_usage: usage_events ledger -> usage_tracking, usage_periods,
+-- subscriptions.monthly_minutes_used, usage_alerts) in one transaction per event batch.
+
+-- usage_tracking.microphone_seconds stays the whole-second view of microphone_ms whenever microphone_ms
+-- is written (rows written with seconds only, as the seed did, are left as they are).
+CREATE OR REPLACE FUNCTION usage_tracking_sync_seconds()
+RETURNS TRIGGER
+LANGUAGE plpgsql
+SET search_path = pg_catalog, public, pg_temp
+AS $$
+BEGIN
+    IF (TG_OP = 'INSERT' AND NEW.microphone_ms <> 0)
+       OR (TG_OP = 'UPDATE' AND NEW.microphone_ms IS DISTINCT FROM OLD.microphone_ms) THEN
+        NEW.microphone_seconds := (NEW.microphone_ms / 1000)::integer;  -- bigint division = floor (ms >= 0)
+    END IF;
+    RETURN NEW;
+END;
+$$;
+
+CREATE OR REPLACE TRIGGER usage_tracking_sync_seconds
+    BEFORE INSERT OR UPDATE ON usage_tracking
+    FOR EACH ROW EXECUTE FUNCTION usage_tracking_sync_seconds();
+
+-- updated_at on every table that has one (the seed attached it to profiles and subscriptions only).
+CREATE OR REPLACE TRIGGER update_profiles_updated_at
+    BEFORE UPDATE ON profiles FOR EACH ROW EXECUTE FUNCTION update_updated_at();
+CREATE OR REPLACE TRIGGER update_language_settings_updated_at
+    BEFORE UPDATE ON language_settings FOR EACH ROW EXECUTE FUNCTION update_updated_at();
+CREATE OR REPLACE TRIGGER update_conversation_scripts_updated_at
+    BEFORE UPDATE ON conversation_scripts FOR EACH ROW EXECUTE FUNCTION update_updated_at();
+CREATE OR REPLACE TRIGGER update_subscriptions_updated_at
+    BEFORE UPDATE ON subscriptions FOR EACH ROW EXECUTE FUNCTION update_updated_at();
+CREATE OR REPLACE TRIGGER update_learning_progress_updated_at
+    BEFORE UPDATE ON learning_progress FOR EACH ROW EXECUTE FUNCTION update_updated_at();
+
+-- Learning progress when a conversation ends (seed defect: the function was never attached to a trigger).
+-- Fixed from the seed as well:
+--   * the 30-day window ends at the conversation's ended_at, not NOW() (business time is the event's);
+--   * an average that is NULL (no scored conversation in the window) keeps the earlier score instead of
+--     wiping it;
+--   * accuracy and pronunciation averages, computed but unused in the seed, feed grammar_accuracy and
+--     pronunciation_accuracy;
+--   * it does NOT add study time: study time comes from metered microphone seconds rolled up by the
+--     worker's maintenance.aggregate_usage; adding duration_seconds here would double count.
+-- SECURITY DEFINER so that ending one's own conversation updates progress whatever the caller may write.
+CREATE OR REPLACE FUNCTION update_learning_progress()
+RETURNS TRIGGER
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, public, extensions, pg_temp
+AS $$
+DECLARE
+    v_language TEXT := NEW.language_pair ->> 'target';
+    v_fluency NUMERIC;
+    v_accuracy NUMERIC;
+    v_pronunciation NUMERIC;
+BEGIN
+    -- Fires only when a conversation ends: ended_at goes from NULL to a time (or a row arrives ended).
+    IF NEW.ended_at IS NULL OR (TG_OP = 'UPDATE' AND OLD.ended_at IS NOT NULL) OR v_language IS NULL THEN
+        RETURN NULL;
+    END IF;
+
+    SELECT avg(c.fluency_score), avg(c.accuracy_score), avg(c.pronunciation_score)
+      INTO v_fluency, v_accuracy, v_pronunciation
+    FROM conversations c
+    WHERE c.user_id = NEW.user_id
+      AND c.language_pair ->> 'target' = v_language
+      AND c.ended_at > NEW.ended_at - INTERVAL '30 days'
+      AND c.ended_at <= NEW.ended_at;
+
+    INSERT INTO learning_progress AS lp
+        (user_id, language_code, speaking_level, fluency_score, grammar_accuracy, pronunciation_accuracy)
+    VALUES (
+        NEW.user_id, v_language,
+        coalesce(v_fluency, 0.0), coalesce(v_fluency, 0.0),
+        coalesce(v_accuracy, 0.0), coalesce(v_pronunciation, 0.0)
+    )
+    ON CONFLICT (user_id, language_code) DO UPDATE SET
+        speaking_level = coalesce(v_fluency, lp.speaking_level),
+        fluency_score = coalesce(v_fluency, lp.fluency_score),
+        grammar_accuracy = coalesce(v_accuracy, lp.grammar_accuracy),
+        pronunciation_accuracy = coalesce(v_pronunciation, lp.pronunciation_accuracy);
+    RETURN NULL;
+END;
+$$;
+
+-- Achievements when a conversation ends (seed defect: never attached; its insert also omitted the
+-- NOT NULL column `criteria`, and "COUNT(*) = 1 over all conversations" missed users whose first
+-- conversation was not the one ending). Ending any conversation means at least one is completed, so
+-- FIRST_CONV is earned here; the unique (user_id, achievement_code) makes it exactly once, also when two
+-- conversations end at the same time. A row created beforehand as not yet earned becomes earned.
+-- SECURITY DEFINER: users may only read achievements (RLS), yet ending their conversation earns one.
+CREATE OR REPLACE FUNCTION check_achievements()
+RETURNS TRIGGER
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, public, extensions, pg_temp
+AS $$
+BEGIN
+    IF NEW.ended_at IS NULL OR (TG_OP = 'UPDATE' AND OLD.ended_at IS NOT NULL) THEN
+        RETURN NULL;
+    END IF;
+
+    INSERT INTO achievements AS a
+        (user_id, achievement_type, achievement_code, name, description, criteria, progress, category,
+         is_earned, earned_at)
+    VALUES (
+        NEW.user_id,
+        'first_conversation',
+        'FIRST_CONV',
+        '{"en": "First Conversation", "ja": "初めての会話"}'::jsonb,
+        '{"en": "Complete your first conversation", "ja": "初めての会話を完了"}'::jsonb,
+        '{"conversations_completed": 1}'::jsonb,
+        100.0,
+        'milestone',
+        TRUE,
+        NEW.ended_at                                 -- earned when the conversation ended
+    )
+    ON CONFLICT (user_id, achievement_code) DO UPDATE SET
+        is_earned = TRUE,
+        earned_at = EXCLUDED.earned_at,
+        progress = EXCLUDED.progress
+    WHERE a.is_earned IS NOT TRUE;
+
+    -- Further achievements (streaks...) are added here.
+    RETURN NULL;
+END;
+$$;
+
+-- One trigger each for INSERT and UPDATE OF ended_at: a conversation "ends" when ended_at goes from NULL
+-- to a time, or when it is inserted already ended (offline sessions synced later). The functions check
+-- OLD/NEW themselves because a WHEN clause cannot read OLD on INSERT.
+CREATE OR REPLACE TRIGGER update_learning_progress_on_end
+    AFTER INSERT OR UPDATE OF ended_at ON conversations
+    FOR EACH ROW EXECUTE FUNCTION update_learning_progress();
+CREATE OR REPLACE TRIGGER check_achievements_on_end
+    AFTER INSERT OR UPDATE OF ended_at ON conversations
+    FOR EACH ROW EXECUTE FUNCTION check_achievements();
+
+-- Audit trail. Fixed from the seed (which was never attached to any table):
+--   * attached to subscriptions and profiles, AFTER INSERT OR UPDATE OR DELETE;
+--   * user_id is the user whose row changed (the first trigger argument names the column), not the
+--     caller, and `actor` records who caused it (app.actor, e.g. 'stripe:evt_123' set by the worker with
+--     set_config(..., true); else 'user:<auth.uid()>'; else the database role);
+--   * the remaining trigger arguments name columns whose changes alone are not audited: on
+--     subscriptions monthly_minutes_used and updated_at change with every metered batch, and the usage
+--     ledger (usage_events) is their audit trail; on profiles updated_at / last_active_at are activity.
+-- SECURITY DEFINER: users update their own profile but may not write audit_logs.
+CREATE OR REPLACE FUNCTION audit_trigger()
+RETURNS TRIGGER
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, public, extensions, pg_temp
+AS $$
+DECLARE
+    v_old JSONB := CASE WHEN TG_OP IN ('UPDATE', 'DELETE') THEN to_jsonb(OLD) END;
+    v_new JSONB := CASE WHEN TG_OP IN ('INSERT', 'UPDATE') THEN to_jsonb(NEW) END;
+    v_row JSONB;
+    v_user_column TEXT := coalesce(TG_ARGV[0], 'user_id');
+    v_unaudited TEXT[] := coalesce(TG_ARGV[1:TG_NARGS - 1], '{}');
+    v_uid UUID;
+    v_actor TEXT;
+BEGIN
+    IF TG_OP = 'UPDATE' AND (v_old - v_unaudited) = (v_new - v_unaudited) THEN
+        RETURN NULL;
+    END IF;
+    v_row := coalesce(v_new, v_old);
+
+    v_uid := auth.uid();
+    v_actor := coalesce(
+        nullif(current_setting('app.actor', true), ''),
+        'user:' || v_uid::text,
+        -- inside SECURITY DEFINER current_user is this function's owner; the SET ROLE of the session
+        -- (or else the login role) is who acted
+        nullif(current_setting('role', true), 'none'),
+        session_user::text
+    );
+
+    INSERT INTO audit_logs (user_id, action, table_name, record_id, old_values, new_values, actor)
+    VALUES (
+        (v_row ->> v_user_column)::uuid,
+        TG_OP,
+        TG_TABLE_NAME,
+        (v_row ->> 'id')::uuid,
+        v_old,
+        v_new,
+        v_actor
+    );
+    RETURN NULL;
+END;
+$$;
+
+CREATE OR REPLACE TRIGGER audit_subscriptions
+    AFTER INSERT OR UPDATE OR DELETE ON subscriptions
+    FOR EACH ROW EXECUTE FUNCTION audit_trigger('user_id', 'monthly_minutes_used', 'updated_at');
+CREATE OR REPLACE TRIGGER audit_profiles
+    AFTER INSERT OR UPDATE OR DELETE ON profiles
+    FOR EACH ROW EXECUTE FUNCTION audit_trigger('id', 'updated_at', 'last_active_at');
+
+-- Audio URL encryption (seed), with the key from the setting app.encryption_key.
+-- Fixed from the seed: the ciphertext is stored as base64 text (compact, and independent of the
+-- bytea_output setting that the seed's bytea::text round trip relied on); a missing key is a clear
+-- error instead of "unrecognized configuration parameter"; search_path is fixed; SECURITY INVOKER,
+-- because the key is the caller's setting and definer rights would add nothing but risk.
+CREATE OR REPLACE FUNCTION encrypt_audio_url(url TEXT)
+RETURNS TEXT
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, public, extensions, pg_temp
+AS $$
+DECLARE
+    v_key TEXT := current_setting('app.encryption_key', true);
+BEGIN
+    IF url IS NULL THEN
+        RETURN NULL;
+    END IF;
+    IF v_key IS NULL OR v_key = '' THEN
+        RAISE EXCEPTION 'app.encryption_key is not set'
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Call set_config(''app.encryption_key'', <key>, true) first.';
+    END IF;
+    RETURN encode(pgp_sym_encrypt(url, v_key), 'base64');
+END;
+$$;
+
+CREATE OR REPLACE FUNCTION decrypt_audio_url(encrypted_url TEXT)
+RETURNS TEXT
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, public, extensions, pg_temp
+AS $$
+DECLARE
+    v_key TEXT := current_setting('app.encryption_key', true);
+BEGIN
+    IF encrypted_url IS NULL THEN
+        RETURN NULL;
+    END IF;
+    IF v_key IS NULL OR v_key = '' THEN
+        RAISE EXCEPTION 'app.encryption_key is not set'
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Call set_config(''app.encryption_key'', <key>, true) first.';
+    END IF;
+    RETURN pgp_sym_decrypt(decode(encrypted_url, 'base64'), v_key);
+END;
+$$;
+
+-- Monthly partitions of messages (seed defects: it partitioned the unused copy messages_partitioned,
+-- computed the month from NOW() and raised on any month whose rows already sat in a default partition).
+-- create_monthly_partition('2027-03-17') makes messages_2027_03 for [2027-03-01, 2027-04-01) UTC and
+-- returns its name. The month is passed in (maintenance.ensure_partitions passes now + n months).
+--   * A transaction-level advisory lock serialises concurrent calls (two beats, manual runs).
+--   * Already attached: nothing happens (repeating it changes nothing).
+--   * Rows of that month in messages_default: CREATE TABLE ... PARTITION OF would fail ("updated partition
+--     constraint for default partition would be violated"), so the table is created standalone, the
+--     rows move into it (DELETE ... RETURNING), and it is attached. Attaching copies the parent's indexes,
+--     foreign keys and constraints onto it.
+--   * Bounds are written with an explicit +00 offset: a bare date would be read in the session's time
+--     zone and the months would shift with it.
+-- SECURITY DEFINER so that partitions always belong to the owner of messages (ATTACH needs it), also
+-- when the backend runs as service_role on Supabase; EXECUTE is for the backend only (section 8).
+CREATE OR REPLACE FUNCTION create_monthly_partition(p_month DATE)
+RETURNS TEXT
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, public, pg_temp
+AS $$
+DECLARE
+    v_start DATE := date_trunc('month', p_month)::date;
+    v_end DATE := (date_trunc('month', p_month) + INTERVAL '1 month')::date;
+    v_name TEXT := 'messages_' || to_char(p_month, 'YYYY_MM');
+    v_from TEXT := to_char(v_start, 'YYYY-MM-DD') || ' 00:00:00+00';
+    v_to TEXT := to_char(v_end, 'YYYY-MM-DD') || ' 00:00:00+00';
+    v_table REGCLASS;
+    v_columns TEXT;
+BEGIN
+    IF p_month IS NULL THEN
+        RAISE EXCEPTION 'create_monthly_partition: p_month must not be NULL';
+    END IF;
+
+    PERFORM pg_advisory_xact_lock(hashtext('worldspeak:create_monthly_partition'));
+
+    v_table := to_regclass(format('public.%I', v_name));
+    IF v_table IS NOT NULL THEN
+        IF EXISTS (
+            SELECT 1 FROM pg_inherits WHERE inhrelid = v_table AND inhparent = 'public.messages'::regclass
+        ) THEN
+            RETURN v_name;  -- already there
+        END IF;
+        RAISE EXCEPTION 'create_monthly_partition: % exists but is not a partition of messages', v_name;
+    END IF;
+
+    EXECUTE format(
+        'CREATE TABLE public.%I (LIKE public.messages INCLUDING DEFAULTS INCLUDING CONSTRAINTS)'
+        ' WITH (autovacuum_vacuum_scale_factor = 0.05)',
+        v_name
+    );
+
+    SELECT string_agg(quote_ident(attname), ', ' ORDER BY attnum)
+      INTO v_columns
+    FROM pg_attribute
+    WHERE attrelid = 'public.messages'::regclass AND attnum > 0 AND NOT attisdropped;
+
+    EXECUTE format(
+        'WITH moved AS (DELETE FROM public.messages_default WHERE created_at >= %L AND created_at < %L'
+        ' RETURNING %s) INSERT INTO public.%I (%s) SELECT %s FROM moved',
+        v_from, v_to, v_columns, v_name, v_columns, v_columns
+    );
+
+    EXECUTE format(
+        'ALTER TABLE public.messages ATTACH PARTITION public.%I FOR VALUES FROM (%L) TO (%L)',
+        v_name, v_from, v_to
+    );
+
+    -- A partition is a table of its own: read directly it does not apply the parent's policies. Nobody
+    -- but the owner should, so RLS is on (without policy) and end-user roles get nothing (on Supabase
+    -- default privileges would otherwise grant them everything on a new table).
+    EXECUTE format('ALTER TABLE public.%I ENABLE ROW LEVEL SECURITY', v_name);
+    EXECUTE format('REVOKE ALL ON public.%I FROM anon, authenticated', v_name);
+    EXECUTE format('GRANT ALL ON public.%I TO service_role', v_name);
+    RETURN v_name;
+END;
+$$;
+
+
+-- -----------------------------------------------------------------------------------------------------
+-- 6. user_statistics (materialized view, seed)
+-- Fixed from the seed: the UNIQUE index on user_id that REFRESH ... CONCURRENTLY requires (the seed's
+-- was not unique, so its own refresh function failed); active days are UTC dates (DATE(timestamptz)
+-- followed the refreshing session's time zone). Created WITH DATA so that the first concurrent refresh
+-- works (CONCURRENTLY refuses an unpopulated view). IF NOT EXISTS: a changed definition needs a DROP first.
+-- -----------------------------------------------------------------------------------------------------
+CREATE MATERIALIZED VIEW IF NOT EXISTS user_statistics AS
+SELECT
+    p.id AS user_id,
+    p.full_name,
+    COUNT(DISTINCT c.id) AS total_conversations,
+    SUM(c.duration_seconds) / 60 AS total_minutes,
+    COUNT(DISTINCT (c.created_at AT TIME ZONE 'UTC')::date) AS active_days,
+    MAX(c.created_at) AS last_active,
+    COALESCE(s.plan_type, 'free') AS plan_type
+FROM profiles p
+LEFT JOIN conversations c ON p.id = c.user_id
+LEFT JOIN subscriptions s ON p.id = s.user_id
+GROUP BY p.id, p.full_name, s.plan_type
+WITH DATA;
+
+CREATE UNIQUE INDEX IF NOT EXISTS idx_user_statistics_user_id ON user_statistics (user_id);
+
+-- Refresh without blocking readers (maintenance.refresh_materialized_views). Populates normally the one
+-- time the view is unpopulated (e.g. restored WITH NO DATA), which CONCURRENTLY refuses.
+-- SECURITY DEFINER because only the owner may refresh; EXECUTE is limited to the backend (section 8).
+CREATE OR REPLACE FUNCTION refresh_user_statistics()
+RETURNS VOID
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, public, pg_temp
+AS $$
+BEGIN
+    IF (SELECT relispopulated FROM pg_class WHERE oid = 'public.user_statistics'::regclass) THEN
+        REFRESH MATERIALIZED VIEW CONCURRENTLY public.user_statistics;
+    ELSE
+        REFRESH MATERIALIZED VIEW public.user_statistics;
+    END IF;
+END;
+$$;
+
+
+-- -----------------------------------------------------------------------------------------------------
+-- 7. Row-level security
+-- Seed defects: RLS was enabled on tables without any policy, and off for language_settings,
+-- conversation_scripts and audit_logs; the admin policy trusted raw_user_meta_data; policies had no
+-- WITH CHECK, so USING was the only guard. Now: RLS on every table; each user-facing table has
+-- policies for role `authenticated` limited to the caller's rows, with WITH CHECK so nobody can write
+-- rows owned by someone else; admins (is_admin(), from raw_app_meta_data) reach all rows; `anon` has no
+-- policy and sees nothing. auth.uid() / is_admin() are wrapped in (SELECT ...) so they are evaluated
+-- once per statement, not per row.
+-- The worker connects as the tables' owner (or service_role, which has BYPASSRLS) and is not filtered.
+-- -----------------------------------------------------------------------------------------------------
+ALTER TABLE profiles ENABLE ROW LEVEL SECURITY;
+ALTER TABLE language_settings ENABLE ROW LEVEL SECURITY;
+ALTER TABLE conversations ENABLE ROW LEVEL SECURITY;
+ALTER TABLE messages ENABLE ROW LEVEL SECURITY;
+-- a partition read directly skips the parent's policies: RLS on, no policy, no privileges
+ALTER TABLE messages_default ENABLE ROW LEVEL SECURITY;
+ALTER TABLE conversation_scripts ENABLE ROW LEVEL SECURITY;
+ALTER TABLE subscriptions ENABLE ROW LEVEL SECURITY;
+ALTER TABLE usage_tracking ENABLE ROW LEVEL SECURITY;
+ALTER TABLE learning_progress ENABLE ROW LEVEL SECURITY;
+ALTER TABLE achievements ENABLE ROW LEVEL SECURITY;
+ALTER TABLE audit_logs ENABLE ROW LEVEL SECURITY;
+-- Worker tables: RLS on and no policy at all (deny by default, on top of the revoked privileges).
+ALTER TABLE usage_events ENABLE ROW LEVEL SECURITY;
+ALTER TABLE usage_hour_conversations ENABLE ROW LEVEL SECURITY;
+ALTER TABLE stripe_events ENABLE ROW LEVEL SECURITY;
+ALTER TABLE dead_letters ENABLE ROW LEVEL SECURITY;
+ALTER TABLE usage_periods ENABLE ROW LEVEL SECURITY;
+ALTER TABLE usage_alerts ENABLE ROW LEVEL SECURITY;
+ALTER TABLE maintenance_runs ENABLE ROW LEVEL SECURITY;
+
+-- profiles: own profile only (seed policy, now with WITH CHECK and only for signed-in users)
+DROP POLICY IF EXISTS "Users can CRUD own profile" ON profiles;
+CREATE POLICY "Users can CRUD own profile" ON profiles
+    FOR ALL TO authenticated
+    USING (id = (SELECT auth.uid()))
+    WITH CHECK (id = (SELECT auth.uid()));
+
+-- language_settings (seed: RLS off)
+DROP POLICY IF EXISTS "Users can CRUD own language settings" ON language_settings;
+CREATE POLICY "Users can CRUD own language settings" ON language_settings
+    FOR ALL TO authenticated
+    USING (user_id = (SELECT auth.uid()))
+    WITH CHECK (user_id = (SELECT auth.uid()));
+
+DROP POLICY IF EXISTS "Users can CRUD own conversations" ON conversations;
+CREATE POLICY "Users can CRUD own conversations" ON conversations
+    FOR ALL TO authenticated
+    USING (user_id = (SELECT auth.uid()))
+    WITH CHECK (user_id = (SELECT auth.uid()));
+
+-- messages: the row is the caller's AND so is its conversation. The seed checked the conversation only,
+-- so a user could write messages in their conversation in someone else's name (user_id).
+DROP POLICY IF EXISTS "Users can CRUD own messages" ON messages;
+CREATE POLICY "Users can CRUD own messages" ON messages
+    FOR ALL TO authenticated
+    USING (
+        user_id = (SELECT auth.uid())
+        AND EXISTS (
+            SELECT 1 FROM conversations c
+            WHERE c.id = messages.conversation_id AND c.user_id = (SELECT auth.uid())
+        )
+    )
+    WITH CHECK (
+        user_id = (SELECT auth.uid())
+        AND EXISTS (
+            SELECT 1 FROM conversations c
+            WHERE c.id = messages.conversation_id AND c.user_id = (SELECT auth.uid())
+        )
+    );
+
+-- conversation_scripts (seed: RLS off): the shared catalogue is readable by every signed-in user; only
+-- its author writes a script (created_by = caller).
+DROP POLICY IF EXISTS "Authenticated users can read scripts" ON conversation_scripts;
+CREATE POLICY "Authenticated users can read scripts" ON conversation_scripts
+    FOR SELECT TO authenticated
+    USING (true);
+DROP POLICY IF EXISTS "Users can create own scripts" ON conversation_scripts;
+CREATE POLICY "Users can create own scripts" ON conversation_scripts
+    FOR INSERT TO authenticated
+    WITH CHECK (created_by = (SELECT auth.uid()));
+DROP POLICY IF EXISTS "Users can update own scripts" ON conversation_scripts;
+CREATE POLICY "Users can update own scripts" ON conversation_scripts
+    FOR UPDATE TO authenticated
+    USING (created_by = (SELECT auth.uid()))
+    WITH CHECK (created_by = (SELECT auth.uid()));
+DROP POLICY IF EXISTS "Users can delete own scripts" ON conversation_scripts;
+CREATE POLICY "Users can delete own scripts" ON conversation_scripts
+    FOR DELETE TO authenticated
+    USING (created_by = (SELECT auth.uid()));
+
+-- Read-only for users: written by the worker (billing, metering) or by SECURITY DEFINER triggers.
+DROP POLICY IF EXISTS "Users can view own subscription" ON subscriptions;
+CREATE POLICY "Users can view own subscription" ON subscriptions
+    FOR SELECT TO authenticated
+    USING (user_id = (SELECT auth.uid()));
+
+DROP POLICY IF EXISTS "Users can view own usage" ON usage_tracking;
+CREATE POLICY "Users can view own usage" ON usage_tracking
+    FOR SELECT TO authenticated
+    USING (user_id = (SELECT auth.uid()));
+
+DROP POLICY IF EXISTS "Users can CRUD own learning progress" ON learning_progress;
+CREATE POLICY "Users can CRUD own learning progress" ON learning_progress
+    FOR ALL TO authenticated
+    USING (user_id = (SELECT auth.uid()))
+    WITH CHECK (user_id = (SELECT auth.uid()));
+
+DROP POLICY IF EXISTS "Users can view own achievements" ON achievements;
+CREATE POLICY "Users can view own achievements" ON achievements
+    FOR SELECT TO authenticated
+    USING (user_id = (SELECT auth.uid()));
+
+-- audit_logs (seed: RLS off, so every user read everyone's trail)
+DROP POLICY IF EXISTS "Users can view own audit logs" ON audit_logs;
+CREATE POLICY "Users can view own audit logs" ON audit_logs
+    FOR SELECT TO authenticated
+    USING (user_id = (SELECT auth.uid()));
+
+-- Admins: every row of the user-facing tables. audit_logs is read-only even for admins: a trail that
+-- its readers can edit is no trail.
+DO $admin_policies$
+DECLARE
+    v_table TEXT;
+BEGIN
+    FOREACH v_table IN ARRAY ARRAY[
+        'profiles', 'language_settings', 'conversations', 'messages', 'conversation_scripts',
+        'subscriptions', 'usage_tracking', 'learning_progress', 'achievements'
+    ] LOOP
+        EXECUTE format('DROP POLICY IF EXISTS "Admins can access all data" ON public.%I', v_table);
+        EXECUTE format(
+            'CREATE POLICY "Admins can access all data" ON public.%I FOR ALL TO authenticated'
+            ' USING ((SELECT public.is_admin())) WITH CHECK ((SELECT public.is_admin()))',
+            v_table
+        );
+    END LOOP;
+END
+$admin_policies$;
+
+DROP POLICY IF EXISTS "Admins can read all audit logs" ON audit_logs;
+CREATE POLICY "Admins can read all audit logs" ON audit_logs
+    FOR SELECT TO authenticated
+    USING ((SELECT is_admin()));
+
+
+-- -----------------------------------------------------------------------------------------------------
+-- 8. Privileges, the way Supabase sets them up
+-- User-facing tables: anon and authenticated get the table privileges and RLS does the filtering
+-- (Supabase's default privileges grant them anyway). TRUNCATE, REFERENCES and TRIGGER are taken away:
+-- TRUNCATE ignores RLS and would let any user empty a table.
+-- Worker tables, partitions and the statistics view: nothing for anon and authenticated (a materialized
+-- view has no RLS, and user_statistics holds every user's name and totals).
+-- service_role (the backend's key on Supabase, BYPASSRLS) gets everything.
+-- -----------------------------------------------------------------------------------------------------
+GRANT SELECT, INSERT, UPDATE, DELETE ON
+    profiles, language_settings, conversations, messages, conversation_scripts, subscriptions,
+    usage_tracking, learning_progress, achievements, audit_logs
+    TO anon, authenticated;
+REVOKE TRUNCATE, REFERENCES, TRIGGER ON
+    profiles, language_settings, conversations, messages, conversation_scripts, subscriptions,
+    usage_tracking, learning_progress, achievements, audit_logs
+    FROM anon, authenticated;
+
+REVOKE ALL ON
+    messages_default, usage_events, usage_hour_conversations, stripe_events, dead_letters, usage_periods,
+    usage_alerts, maintenance_runs, user_statistics
+    FROM anon, authenticated;
+
+GRANT ALL ON
+    profiles, language_settings, conversations, messages, messages_default, conversation_scripts,
+    subscriptions, usage_tracking, learning_progress, achievements, audit_logs,
+    usage_events, usage_hour_conversations, stripe_events, dead_letters, usage_periods, usage_alerts,
+    maintenance_runs
+    TO service_role;
+GRANT SELECT ON user_statistics TO service_role;
+
+-- Identity sequences of the worker tables (Supabase's default privileges grant sequences to end users).
+REVOKE ALL ON SEQUENCE dead_letters_id_seq, usage_periods_id_seq, usage_alerts_id_seq
+    FROM anon, authenticated;
+GRANT ALL ON SEQUENCE dead_letters_id_seq, usage_periods_id_seq, usage_alerts_id_seq TO service_role;
+
+-- Functions: EXECUTE goes to PUBLIC by default (and Supabase exposes public functions over its REST API).
+-- Operational functions and the decryption of audio URLs are for the backend only; is_admin() is needed
+-- by the policies of signed-in users.
+REVOKE EXECUTE ON FUNCTION
+    create_monthly_partition(DATE), refresh_user_statistics(),
+    encrypt_audio_url(TEXT), decrypt_audio_url(TEXT)
+    FROM PUBLIC, anon, authenticated;
+GRANT EXECUTE ON FUNCTION
+    create_monthly_partition(DATE), refresh_user_statistics(),
+    encrypt_audio_url(TEXT), decrypt_audio_url(TEXT)
+    TO service_role;
+REVOKE EXECUTE ON FUNCTION is_admin() FROM PUBLIC, anon;
+GRANT EXECUTE ON FUNCTION is_admin() TO authenticated, service_role;

@@ -1,0 +1,71 @@
+"""The Celery application: queues, at-least-once delivery settings, the beat schedule.
+
+Delivery is at least once and the tasks make it exactly once in effect (every write is idempotent on
+the event id), so every setting here leans towards redelivering rather than losing a message:
+- late acks: a message is acknowledged after its task returned, i.e. after the database commit;
+- reject on worker lost: a pool process killed mid-task leaves its message to be delivered again;
+- visibility timeout (CELERY_VISIBILITY_TIMEOUT, default 3600 s): how long Redis waits for the ack of
+  a message whose worker died before giving it to another worker. It must exceed the longest task plus
+  its time waiting in a prefetch buffer, or a slow task would run twice (harmless, but wasted work);
+- prefetch multiplier 4 (CELERY_PREFETCH_MULTIPLIER): keeps the pool busy between round trips to Redis
+  without hoarding; the single-event batcher raises the channel's prefetch to its own batch size;
+- no result backend: producers never wait for results; outcomes are rows in PostgreSQL.
+"""
+
+from __future__ import annotations
+
+from celery import Celery, signals
+from kombu import Queue
+
+from worker.config import settings
+from worker.logs import configure_logging
+
+QUEUES = ("usage", "stripe", "maintenance")
+TASK_MODULES = ["worker.tasks.metering"]
+
+
+def create_app() -> Celery:
+    config = settings()
+    app = Celery("worldspeak", include=TASK_MODULES)
+    app.conf.update(
+        broker_url=config.redis_url,
+        broker_connection_retry_on_startup=True,
+        broker_transport_options={"visibility_timeout": config.visibility_timeout},
+        result_backend=None,
+        task_ignore_result=True,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_cancel_long_running_tasks_on_connection_loss=True,
+        worker_prefetch_multiplier=config.prefetch_multiplier,
+        worker_concurrency=config.worker_concurrency,
+        worker_max_memory_per_child=200_000,  # KiB: a pool process above 200 MB is replaced after its task
+        task_serializer="json",
+        accept_content=["json"],
+        task_queues=[Queue(name) for name in QUEUES],
+        task_default_queue="usage",
+        task_routes={
+            "metering.*": {"queue": "usage"},
+            "stripe.*": {"queue": "stripe"},
+            "maintenance.*": {"queue": "maintenance"},
+        },
+        worker_hijack_root_logger=False,
+        timezone="UTC",
+        enable_utc=True,
+        beat_scheduler="redbeat.RedBeatScheduler",
+        redbeat_redis_url=config.redis_url,
+        redbeat_lock_timeout=300,  # seconds: a second beat waits this long for a dead one's lock
+        beat_max_loop_interval=5,  # seconds: redbeat holds its lock while it loops
+        beat_schedule={
+            f"maintenance.{job}": {"task": f"maintenance.{job}", "schedule": interval}
+            for job, interval in config.schedule.items()
+        },
+    )
+    return app
+
+
+@signals.setup_logging.connect
+def _configure_logging(**_kwargs: object) -> None:
+    configure_logging(settings().log_level)
+
+
+app = create_app()

@@ -1,0 +1,272 @@
+"""Billing periods: which period a moment of usage belongs to, and moving subscriptions between periods.
+
+Every user has one `usage_periods` row per period that usage or a reset has touched; the row whose start
+equals `subscriptions.current_period_start` is the current one. Free plans (and any subscription without
+a Stripe subscription) run in calendar months of the user's `profiles.timezone` (UTC when unset or
+unknown); Stripe plans run in Stripe's periods, predicted one month at a time until Stripe says otherwise.
+The rule for the next and previous period lives in SQL (`next_period_end`, `previous_period_start` in
+schema.sql) so that set-based statements and Python agree.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from worker.config import settings
+
+MAX_PERIOD_STEPS = 120  # a reset years late still ends; each step is one statement for all users
+
+
+@dataclass(frozen=True)
+class Span:
+    """The time range a user's new usage covers: [first, last)."""
+
+    first: datetime
+    last: datetime
+
+
+def limit_ms(plan: str) -> int:
+    return settings().minutes_for_plan(plan) * 60_000
+
+
+_CREATE_FREE_SUBSCRIPTIONS = sa.text(
+    """
+    INSERT INTO subscriptions (user_id, plan_type, status, current_period_start, current_period_end,
+                               reset_date, monthly_minutes_limit, monthly_minutes_used, created_at, updated_at)
+    SELECT p.id, 'free', 'active', b.period_start, b.period_end,
+           (b.period_end AT TIME ZONE worker_timezone(p.timezone))::date, :free_minutes, 0, :now, :now
+    FROM profiles p
+    CROSS JOIN LATERAL (
+        SELECT previous_period_start(next_period_end(:now, worker_timezone(p.timezone), true),
+                                     worker_timezone(p.timezone)) AS period_start,
+               next_period_end(:now, worker_timezone(p.timezone), true) AS period_end
+    ) b
+    WHERE p.id = ANY(CAST(:user_ids AS uuid[]))
+      AND NOT EXISTS (SELECT 1 FROM subscriptions s WHERE s.user_id = p.id)
+    ORDER BY p.id
+    ON CONFLICT (user_id) DO NOTHING
+    """
+)
+
+_CREATE_CURRENT_PERIODS = sa.text(
+    """
+    INSERT INTO usage_periods (user_id, period_start, period_end, plan_type, monthly_minutes_limit, limit_ms)
+    SELECT s.user_id, s.current_period_start, s.current_period_end, s.plan_type, s.monthly_minutes_limit,
+           s.monthly_minutes_limit::bigint * 60000
+    FROM subscriptions s
+    WHERE s.user_id = ANY(CAST(:user_ids AS uuid[]))
+    ORDER BY s.user_id
+    ON CONFLICT (user_id, period_start) DO NOTHING
+    """
+)
+
+# One step outwards for every user whose known periods do not yet cover their usage: the period after
+# the last known one, and the period before the first. Repeated until nothing is missing.
+_EXTEND_PERIODS = sa.text(
+    """
+    WITH wanted AS (
+        SELECT * FROM unnest(CAST(:user_ids AS uuid[]), CAST(:firsts AS timestamptz[]),
+                             CAST(:lasts AS timestamptz[])) AS w(user_id, first_at, last_at)
+    ), known AS (
+        SELECT w.user_id, w.first_at, w.last_at, min(u.period_start) AS known_start, max(u.period_end) AS known_end
+        FROM wanted w JOIN usage_periods u ON u.user_id = w.user_id
+        GROUP BY w.user_id, w.first_at, w.last_at
+    ), plan AS (
+        SELECT k.*, s.plan_type, s.monthly_minutes_limit, worker_timezone(p.timezone) AS tz,
+               (s.stripe_subscription_id IS NULL OR s.plan_type = 'free') AS calendar
+        FROM known k JOIN subscriptions s ON s.user_id = k.user_id JOIN profiles p ON p.id = k.user_id
+        WHERE k.last_at > k.known_end OR k.first_at < k.known_start
+    ), missing AS (
+        SELECT user_id, known_end AS period_start, next_period_end(known_end, tz, calendar) AS period_end,
+               plan_type, monthly_minutes_limit
+        FROM plan WHERE last_at > known_end
+        UNION ALL
+        SELECT user_id, previous_period_start(known_start, tz), known_start, plan_type, monthly_minutes_limit
+        FROM plan WHERE first_at < known_start
+    )
+    INSERT INTO usage_periods (user_id, period_start, period_end, plan_type, monthly_minutes_limit, limit_ms)
+    SELECT user_id, period_start, period_end, plan_type, monthly_minutes_limit, monthly_minutes_limit::bigint * 60000
+    FROM missing
+    ORDER BY user_id, period_start
+    ON CONFLICT (user_id, period_start) DO NOTHING
+    RETURNING user_id
+    """
+)
+
+
+def _span_params(spans: Mapping[str, Span]) -> dict[str, list]:
+    user_ids = sorted(spans)
+    return {
+        "user_ids": user_ids,
+        "firsts": [spans[user_id].first for user_id in user_ids],
+        "lasts": [spans[user_id].last for user_id in user_ids],
+    }
+
+
+def ensure_periods(conn: Connection, spans: Mapping[str, Span], now: datetime) -> None:
+    """Make sure every user has a subscription row and usage_periods rows covering their span of usage."""
+    if not spans:
+        return
+    params = _span_params(spans)
+    free_minutes = settings().plan_minutes["free"]
+    conn.execute(_CREATE_FREE_SUBSCRIPTIONS, {"user_ids": params["user_ids"], "now": now, "free_minutes": free_minutes})
+    conn.execute(_CREATE_CURRENT_PERIODS, {"user_ids": params["user_ids"]})
+    for _ in range(MAX_PERIOD_STEPS):
+        if conn.execute(_EXTEND_PERIODS, params).first() is None:
+            return
+    raise RuntimeError(f"usage spans more than {MAX_PERIOD_STEPS} periods for some of {len(spans)} users")
+
+
+@dataclass(frozen=True)
+class Period:
+    id: int
+    user_id: str
+    start: datetime
+    end: datetime
+    limit_ms: int
+
+
+def periods_overlapping(conn: Connection, spans: Mapping[str, Span]) -> dict[str, list[Period]]:
+    """Each user's periods that overlap their span, in time order."""
+    rows = conn.execute(
+        sa.text(
+            """
+            SELECT u.id, u.user_id::text, u.period_start, u.period_end, u.limit_ms
+            FROM unnest(CAST(:user_ids AS uuid[]), CAST(:firsts AS timestamptz[]), CAST(:lasts AS timestamptz[]))
+                 AS w(user_id, first_at, last_at)
+            JOIN usage_periods u ON u.user_id = w.user_id AND u.period_start < w.last_at AND u.period_end > w.first_at
+            ORDER BY u.user_id, u.period_start
+            """
+        ),
+        _span_params(spans),
+    )
+    periods: dict[str, list[Period]] = {}
+    for row in rows:
+        periods.setdefault(row[1], []).append(Period(row[0], row[1], row[2], row[3], row[4]))
+    return periods
+
+
+def spans_of(intervals: Iterable[tuple[str, datetime, datetime]]) -> dict[str, Span]:
+    """Per user, the smallest span covering all of their (user_id, start, end) intervals."""
+    spans: dict[str, Span] = {}
+    for user_id, start, end in intervals:
+        span = spans.get(user_id)
+        spans[user_id] = Span(start, end) if span is None else Span(min(span.first, start), max(span.last, end))
+    return spans
+
+
+# -- moving subscriptions between periods ------------------------------------------------------------------
+
+RESET_BATCH = 500  # subscriptions moved per statement round; each round commits nothing by itself
+
+_DUE = sa.text(
+    """
+    SELECT s.user_id::text AS user_id, s.current_period_end AS new_start,
+           next_period_end(s.current_period_end, worker_timezone(p.timezone),
+                           s.stripe_subscription_id IS NULL OR s.plan_type = 'free') AS new_end,
+           s.plan_type, s.monthly_minutes_limit
+    FROM subscriptions s JOIN profiles p ON p.id = s.user_id
+    WHERE s.current_period_end <= :now
+      AND (CAST(:user_ids AS uuid[]) IS NULL OR s.user_id = ANY(CAST(:user_ids AS uuid[])))
+    ORDER BY s.user_id
+    LIMIT :batch
+    FOR UPDATE OF s SKIP LOCKED
+    """
+)
+
+# Start (or find, when usage already created it) each user's period at :starts, archive every earlier
+# open period, and point the subscription at it with the usage it already holds.
+_MOVE = sa.text(
+    """
+    WITH moves AS (
+        SELECT * FROM unnest(CAST(:user_ids AS uuid[]), CAST(:starts AS timestamptz[]), CAST(:ends AS timestamptz[]),
+                             CAST(:plans AS text[]), CAST(:minutes AS int[]))
+                 AS m(user_id, period_start, period_end, plan_type, minutes)
+    ), started AS (
+        INSERT INTO usage_periods AS u (user_id, period_start, period_end, plan_type, monthly_minutes_limit, limit_ms)
+        SELECT user_id, period_start, period_end, plan_type, minutes, minutes::bigint * 60000 FROM moves
+        ORDER BY user_id
+        ON CONFLICT (user_id, period_start) DO UPDATE
+            SET period_end = CASE WHEN :authoritative THEN EXCLUDED.period_end ELSE u.period_end END,
+                plan_type = EXCLUDED.plan_type,
+                monthly_minutes_limit = EXCLUDED.monthly_minutes_limit,
+                limit_ms = EXCLUDED.limit_ms
+        RETURNING u.user_id, u.period_start, u.period_end, u.used_ms, u.limit_ms
+    ), archived AS (
+        UPDATE usage_periods u SET archived_at = :now
+        FROM moves m
+        WHERE u.user_id = m.user_id AND u.period_start < m.period_start AND u.archived_at IS NULL
+        RETURNING u.id
+    )
+    UPDATE subscriptions s
+    SET current_period_start = n.period_start,
+        current_period_end = n.period_end,
+        reset_date = (n.period_end AT TIME ZONE worker_timezone(p.timezone))::date,
+        plan_type = m.plan_type,
+        monthly_minutes_limit = m.minutes,
+        monthly_minutes_used = n.used_ms / 60000,
+        limit_reached_at = CASE WHEN n.used_ms >= n.limit_ms THEN COALESCE(
+                                CASE WHEN s.current_period_start = n.period_start THEN s.limit_reached_at END, :now)
+                           END
+    FROM started n JOIN moves m ON m.user_id = n.user_id JOIN profiles p ON p.id = n.user_id
+    WHERE s.user_id = n.user_id
+    RETURNING s.user_id::text, (SELECT count(*) FROM archived) AS archived_count
+    """
+)
+
+
+@dataclass(frozen=True)
+class PeriodStart:
+    user_id: str
+    start: datetime
+    end: datetime
+    plan: str
+    monthly_minutes: int
+
+
+def move_to_periods(conn: Connection, starts: list[PeriodStart], now: datetime, authoritative: bool) -> int:
+    """Point each user's subscription at the given period (created when missing) and archive earlier
+    open periods. `authoritative` bounds (Stripe's) overwrite a predicted period's end; predicted ones
+    (a reset computing the next calendar month) keep an end already stored. Returns periods archived."""
+    if not starts:
+        return 0
+    starts = sorted(starts, key=lambda s: s.user_id)
+    rows = conn.execute(
+        _MOVE,
+        {
+            "user_ids": [s.user_id for s in starts],
+            "starts": [s.start for s in starts],
+            "ends": [s.end for s in starts],
+            "plans": [s.plan for s in starts],
+            "minutes": [s.monthly_minutes for s in starts],
+            "now": now,
+            "authoritative": authoritative,
+        },
+    ).all()
+    return rows[0].archived_count if rows else 0
+
+
+@dataclass
+class ResetResult:
+    users: set[str]
+    periods_archived: int
+
+
+def advance_due(conn: Connection, now: datetime, user_ids: list[str] | None = None) -> ResetResult:
+    """Move every subscription whose period ended by `now` to its next period, one period at a time, so a
+    reset that runs months late archives each missed period. Rows locked by another run are skipped
+    (that run moves them), so two runs at once never move one subscription twice."""
+    result = ResetResult(set(), 0)
+    while True:
+        due = conn.execute(_DUE, {"now": now, "user_ids": user_ids, "batch": RESET_BATCH}).all()
+        if not due:
+            return result
+        moves = [PeriodStart(row.user_id, row.new_start, row.new_end, row.plan_type, row.monthly_minutes_limit)
+                 for row in due]  # fmt: skip
+        result.periods_archived += move_to_periods(conn, moves, now, authoritative=False)
+        result.users.update(row.user_id for row in due)

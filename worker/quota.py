@@ -1,0 +1,177 @@
+"""The quota: how much of this period's minutes a user has left, answered from Redis when fresh.
+
+PostgreSQL is the truth; Redis holds each user's last answer, written after the commit that changed it.
+A missing, expired or out-of-period answer falls back to PostgreSQL, so losing Redis costs speed, never
+correctness. Writes carry the period start and the usage they describe, and a Lua check refuses to
+replace a newer answer with an older one (two batches may commit in one order and publish in the other).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from uuid import UUID
+
+import redis
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from worker import db
+from worker.cache import redis_client
+from worker.config import settings
+from worker.logs import get_logger
+
+log = get_logger(__name__)
+
+KEY_PREFIX = "quota:"
+
+
+class UnknownUser(LookupError):
+    """No profile has this id."""
+
+
+@dataclass(frozen=True)
+class Quota:
+    user_id: str
+    plan: str
+    limit_seconds: float
+    used_seconds: float
+    remaining_seconds: float
+    blocked: bool
+    period_start: str
+    period_end: str
+
+    @classmethod
+    def from_ms(cls, user_id: str, plan: str, limit_ms: int, used_ms: int, start: datetime, end: datetime) -> Quota:
+        return cls(
+            user_id=user_id,
+            plan=plan,
+            limit_seconds=_seconds(limit_ms),
+            used_seconds=_seconds(used_ms),
+            remaining_seconds=_seconds(max(limit_ms - used_ms, 0)),
+            blocked=used_ms >= limit_ms,
+            period_start=start.astimezone(UTC).isoformat(),
+            period_end=end.astimezone(UTC).isoformat(),
+        )
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def ends_at(self) -> datetime:
+        return datetime.fromisoformat(self.period_end)
+
+
+def _seconds(ms: int) -> float:
+    """Milliseconds as seconds; whole seconds stay integers in JSON."""
+    return ms // 1000 if ms % 1000 == 0 else ms / 1000
+
+
+# The period containing :now: the usage_periods row that covers it, else the subscription's period, else
+# the calendar month in the user's zone (a user never metered, or a period not yet reached by a reset).
+_READ = sa.text(
+    """
+    SELECT p.id::text AS user_id,
+           COALESCE(s.plan_type, 'free') AS plan,
+           COALESCE(u.limit_ms, s.monthly_minutes_limit::bigint * 60000, :free_limit_ms) AS limit_ms,
+           COALESCE(u.used_ms, 0) AS used_ms,
+           COALESCE(u.period_start, CASE WHEN s.current_period_start <= :now AND :now < s.current_period_end
+                                         THEN s.current_period_start END,
+                    calendar_month_start(:now, worker_timezone(p.timezone))) AS period_start,
+           COALESCE(u.period_end, CASE WHEN s.current_period_start <= :now AND :now < s.current_period_end
+                                       THEN s.current_period_end END,
+                    next_period_end(:now, worker_timezone(p.timezone), true)) AS period_end
+    FROM profiles p
+    LEFT JOIN subscriptions s ON s.user_id = p.id
+    LEFT JOIN usage_periods u ON u.user_id = p.id AND u.period_start <= :now AND :now < u.period_end
+    WHERE p.id = ANY(CAST(:user_ids AS uuid[]))
+    """
+)
+
+
+def read(conn: Connection, user_ids: Iterable[str], now: datetime) -> dict[str, Quota]:
+    """The quota of each user, from PostgreSQL. Unknown users are absent from the answer."""
+    rows = conn.execute(
+        _READ,
+        {"user_ids": sorted(set(user_ids)), "now": now, "free_limit_ms": settings().plan_minutes["free"] * 60_000},
+    )
+    return {
+        row.user_id: Quota.from_ms(row.user_id, row.plan, row.limit_ms, row.used_ms, row.period_start, row.period_end)
+        for row in rows
+    }
+
+
+_PUBLISH = """
+local current = redis.call('GET', KEYS[1])
+if current then
+  local c = cjson.decode(current)
+  local start, used = tonumber(ARGV[2]), tonumber(ARGV[3])
+  if c.v_start > start or (c.v_start == start and c.v_used > used) then return 0 end
+end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', tonumber(ARGV[4]))
+return 1
+"""
+
+
+def publish(quotas: Iterable[Quota]) -> None:
+    """Write answers to Redis after their commit. A Redis failure is logged: readers fall back to PostgreSQL."""
+    quotas = list(quotas)
+    if not quotas:
+        return
+    ttl = settings().quota_cache_ttl
+    try:
+        client = redis_client()
+        script = client.register_script(_PUBLISH)
+        with client.pipeline(transaction=False) as pipe:
+            for quota in quotas:
+                start = int(datetime.fromisoformat(quota.period_start).timestamp() * 1000)
+                used = round(quota.used_seconds * 1000)
+                value = json.dumps({**quota.as_dict(), "v_start": start, "v_used": used})
+                script(keys=[KEY_PREFIX + quota.user_id], args=[value, start, used, ttl], client=pipe)
+            pipe.execute()
+    except redis.RedisError as exc:
+        log.warning("quota_publish_failed", users=len(quotas), error=str(exc))
+
+
+def invalidate(user_ids: Iterable[str]) -> None:
+    """Forget cached answers (after a plan or period change commits)."""
+    keys = [KEY_PREFIX + str(user_id) for user_id in user_ids]
+    if not keys:
+        return
+    try:
+        redis_client().delete(*keys)
+    except redis.RedisError as exc:
+        log.warning("quota_invalidate_failed", users=len(keys), error=str(exc))
+
+
+def cached(user_id: str, now: datetime) -> Quota | None:
+    """The cached answer when it still describes the period containing `now`."""
+    try:
+        raw = redis_client().get(KEY_PREFIX + user_id)
+    except redis.RedisError as exc:
+        log.warning("quota_cache_unavailable", error=str(exc))
+        return None
+    if raw is None:
+        return None
+    fields = json.loads(raw)
+    quota = Quota(**{name: fields[name] for name in Quota.__dataclass_fields__})
+    if not datetime.fromisoformat(quota.period_start) <= now < quota.ends_at:
+        return None
+    return quota
+
+
+def check(user_id: str | UUID, now: datetime | None = None) -> Quota:
+    """The user's quota: Redis when fresh, else PostgreSQL (and the answer is cached again)."""
+    now = now or datetime.now(UTC)
+    user_id = str(UUID(str(user_id)))
+    quota = cached(user_id, now)
+    if quota is not None:
+        return quota
+    with db.engine().connect() as conn:
+        answers = read(conn, [user_id], now)
+    if user_id not in answers:
+        raise UnknownUser(f"no user with id {user_id}")
+    publish(answers.values())
+    return answers[user_id]
