@@ -8,6 +8,7 @@ environment is set before `worker` is imported, because its settings are read on
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -50,6 +51,7 @@ TEST_ENV = {
     "STRIPE_WEBHOOK_SECRETS": "whsec_test_current,whsec_test_previous",
     "STRIPE_PRICE_PLANS": "price_standard=standard,price_premium=premium,price_enterprise=enterprise",
     "USAGE_FLUSH_INTERVAL": "0.05",
+    "PROMETHEUS_MULTIPROC_DIR": f"/tmp/ws_test_metrics_{RUN_ID}",  # this run's processes only
 }
 os.environ.update(TEST_ENV)
 
@@ -84,6 +86,7 @@ def test_databases() -> Iterator[str]:
     drop_database(SESSION_DB)
     drop_database(TEMPLATE_DB)
     redis_lib.Redis.from_url(TEST_ENV["REDIS_URL"]).flushdb()
+    shutil.rmtree(TEST_ENV["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)
 
 
 @pytest.fixture
@@ -172,13 +175,27 @@ DATA_TABLES = [
 ]
 
 
+def flush_redis() -> None:
+    """Empty the run's Redis database, keeping its claim and the broker's queue bindings.
+
+    Kombu keeps exchange-to-queue bindings in Redis and a producer declares them once per process, so
+    a flush without declaring them again would make later messages vanish.
+    """
+    from worker import app
+
+    client = redis_lib.Redis.from_url(TEST_ENV["REDIS_URL"])
+    client.flushdb()
+    client.set(REDIS_LOCK_KEY, RUN_ID, ex=3 * 3600)
+    with app.connection_for_write() as connection:
+        for queue in app.amqp.queues.values():
+            queue(connection.default_channel).declare()
+
+
 def clear_data() -> None:
     """Empty every table (the schema stays) and the run's Redis database."""
     with psycopg.connect(TEST_ENV["DATABASE_URL"], autocommit=True) as raw:
         raw.execute(f"TRUNCATE {', '.join(DATA_TABLES)} CASCADE")
-    client = redis_lib.Redis.from_url(TEST_ENV["REDIS_URL"])
-    client.flushdb()
-    client.set(REDIS_LOCK_KEY, RUN_ID, ex=3 * 3600)
+    flush_redis()
 
 
 @pytest.fixture
@@ -229,9 +246,17 @@ class WorkerProcess:
         ]  # fmt: skip
         self.log_file = self.log_path.open("w")
         self.process = subprocess.Popen(
-            command, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=self.log_file, stderr=subprocess.STDOUT
+            command,
+            cwd=ROOT,
+            env={**os.environ, "LOG_LEVEL": "INFO", **(env or {})},  # INFO: the "ready." line tells us it is up
+            stdout=self.log_file,
+            stderr=subprocess.STDOUT,
         )
-        self.wait_ready()
+        try:
+            self.wait_ready()
+        except Exception:
+            self.kill()
+            raise
 
     def wait_ready(self, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout

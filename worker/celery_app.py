@@ -15,7 +15,7 @@ the event id), so every setting here leans towards redelivering rather than losi
 from __future__ import annotations
 
 from celery import Celery, signals
-from kombu import Queue
+from kombu import Exchange, Queue
 
 from worker.config import settings
 from worker.logs import configure_logging
@@ -24,13 +24,25 @@ QUEUES = ("usage", "stripe", "maintenance")
 TASK_MODULES = ["worker.tasks.metering"]
 
 
+def redis_transport_options(visibility_timeout: int) -> dict[str, int]:
+    """Kombu's Redis options: abandoned messages are looked for every tenth of the visibility timeout
+    (at most every 100 s, kombu's default), so a short timeout also means a quick redelivery."""
+    sweep_every = max(1, min(100, visibility_timeout // 10))  # seconds
+    interval = min(10, sweep_every)
+    return {
+        "visibility_timeout": visibility_timeout,
+        "unacked_restore_interval": interval,
+        "unacked_restore_throttle": -(-sweep_every // interval),  # ceiling division
+    }
+
+
 def create_app() -> Celery:
     config = settings()
     app = Celery("worldspeak", include=TASK_MODULES)
     app.conf.update(
         broker_url=config.redis_url,
         broker_connection_retry_on_startup=True,
-        broker_transport_options={"visibility_timeout": config.visibility_timeout},
+        broker_transport_options=redis_transport_options(config.visibility_timeout),
         result_backend=None,
         task_ignore_result=True,
         task_acks_late=True,
@@ -41,8 +53,11 @@ def create_app() -> Celery:
         worker_max_memory_per_child=200_000,  # KiB: a pool process above 200 MB is replaced after its task
         task_serializer="json",
         accept_content=["json"],
-        task_queues=[Queue(name) for name in QUEUES],
+        # Each queue its own direct exchange and routing key: messages of one queue never reach another.
+        task_queues=[Queue(name, Exchange(name, type="direct"), routing_key=name) for name in QUEUES],
         task_default_queue="usage",
+        task_default_exchange="usage",
+        task_default_routing_key="usage",
         task_routes={
             "metering.*": {"queue": "usage"},
             "stripe.*": {"queue": "stripe"},
@@ -66,6 +81,7 @@ def create_app() -> Celery:
 @signals.setup_logging.connect
 def _configure_logging(**_kwargs: object) -> None:
     configure_logging(settings().log_level)
+
 
 
 app = create_app()

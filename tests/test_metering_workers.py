@@ -1,0 +1,166 @@
+"""Metering through real Celery workers on the real broker: many processes, duplicates, kills, cut connections.
+
+Every test ends by comparing the database with totals computed from the events alone.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+
+import psycopg
+import pytest
+import sqlalchemy as sa
+from conftest import TEST_ENV, insert_user
+from test_metering import event, reference
+
+from worker import app, db
+
+pytestmark = pytest.mark.usefixtures("committed")
+
+
+def scalar(query: str) -> int:
+    with psycopg.connect(TEST_ENV["DATABASE_URL"]) as conn:
+        return conn.execute(query).fetchone()[0]
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def make_users(count: int, timezones: tuple[str, ...] = ("UTC", "Asia/Kolkata", "America/New_York")) -> dict:
+    with db.transaction() as conn:
+        return {insert_user(conn, timezone=timezones[i % len(timezones)]): timezones[i % len(timezones)]
+                for i in range(count)}  # fmt: skip
+
+
+def make_events(users: dict, count: int, now: datetime, seed: int = 7) -> list[dict]:
+    rng = random.Random(seed)
+    user_ids = list(users)
+    return [
+        event(
+            rng.choice(user_ids),
+            f"{seed}-{i}",
+            now - timedelta(milliseconds=rng.randrange(0, 3 * 86_400_000)),
+            rng.choice([0.5, 1, 2.25, 7.125, 30, 61.5, 3600]),
+            language=rng.choice(["en", "zh", "pt-BR"]),
+        )
+        for i in range(count)
+    ]
+
+
+def assert_exact(users: dict, events: list[dict]) -> None:
+    """usage_tracking and usage_periods equal what the events alone say, user by user."""
+    with db.engine().connect() as conn:
+        for user, timezone in users.items():
+            mine = [item for item in events if item["user_id"] == str(user)]
+            hours, months = reference(mine, timezone)
+            rows = conn.execute(
+                sa.text("SELECT date, hour, microphone_ms, message_count FROM usage_tracking WHERE user_id = :u"),
+                {"u": user},
+            ).all()
+            assert {(r.date, r.hour): (r.microphone_ms, r.message_count) for r in rows} == {
+                key: (value["ms"], value["messages"]) for key, value in hours.items()
+            }
+            periods = conn.execute(
+                sa.text("SELECT period_start, used_ms FROM usage_periods WHERE user_id = :u AND used_ms > 0"),
+                {"u": user},
+            ).all()
+            assert dict(periods) == {start: ms for start, ms in months.items() if ms}
+    assert scalar("SELECT count(*) FROM dead_letters") == 0
+
+
+def publish(events: list[dict], batch_size: int) -> None:
+    for start in range(0, len(events), batch_size):
+        app.send_task("metering.record_usage_batch", args=[events[start : start + batch_size]])
+
+
+@pytest.mark.slow
+def test_several_worker_processes_count_10000_events_with_duplicates_exactly(spawn_worker) -> None:
+    now = datetime.now(UTC)
+    users = make_users(30)
+    events = make_events(users, 10_000, now)
+    duplicates = random.Random(3).sample(events, 1_000)
+    spawn_worker(concurrency=2)
+    spawn_worker(concurrency=2)
+    stream = events + duplicates
+    random.Random(5).shuffle(stream)
+    publish(stream[:9_000], 250)
+    for item in stream[9_000:]:  # the single-event path, coalesced by the workers
+        app.send_task("metering.record_usage", args=[item])
+    wait_until(lambda: scalar("SELECT count(*) FROM usage_events") == 10_000, 120, "10,000 ledger rows")
+    wait_until(lambda: scalar("SELECT count(*) FROM usage_events") == 10_000, 1, "no more rows")
+    assert_exact(users, events)
+
+
+@pytest.mark.slow
+def test_a_worker_killed_mid_stream_is_redelivered_and_counted_once(spawn_worker) -> None:
+    now = datetime.now(UTC)
+    users = make_users(10)
+    events = make_events(users, 6_000, now, seed=11)
+    short_visibility = {"CELERY_VISIBILITY_TIMEOUT": "2"}
+    victim = spawn_worker(concurrency=2, env=short_visibility)
+    publish(events, 100)
+    wait_until(lambda: scalar("SELECT count(*) FROM usage_events") >= 500, 60, "the stream to start")
+    victim.kill()
+    done_before_restart = scalar("SELECT count(*) FROM usage_events")
+    assert done_before_restart < len(events), "the worker finished before it could be killed"
+    publish(random.Random(1).sample(events, 300), 100)  # producers retrying on their side too
+    spawn_worker(concurrency=2, env=short_visibility)
+    wait_until(lambda: scalar("SELECT count(*) FROM usage_events") == len(events), 120, "every event after restart")
+    assert_exact(users, events)
+
+
+def test_a_connection_cut_mid_batch_is_retried_and_exact(thread_worker) -> None:
+    now = datetime.now(UTC)
+    users = make_users(3)
+    events = make_events(users, 300, now, seed=13)
+    cuts: list[int] = []
+
+    def cut_connection(conn, cursor, statement, parameters, context, executemany) -> None:
+        if "UPDATE usage_periods" in statement and not cuts and threading.current_thread() is not main_thread:
+            pid = conn.connection.driver_connection.info.backend_pid
+            cuts.append(pid)
+            with psycopg.connect(TEST_ENV["DATABASE_URL"], autocommit=True) as admin:
+                admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+
+    main_thread = threading.current_thread()
+    sa.event.listen(db.engine(), "before_cursor_execute", cut_connection)
+    try:
+        publish(events, 300)
+        wait_until(lambda: scalar("SELECT count(*) FROM usage_events") == 300, 60, "the retried batch")
+    finally:
+        sa.event.remove(db.engine(), "before_cursor_execute", cut_connection)
+    assert len(cuts) == 1
+    assert_exact(users, events)
+
+
+def test_the_single_event_path_coalesces_into_few_transactions(thread_worker) -> None:
+    now = datetime.now(UTC)
+    users = make_users(2)
+    events = make_events(users, 400, now, seed=17)
+    for item in events + events[:40]:
+        app.send_task("metering.record_usage", kwargs={"event": item})
+    bad = {"event_id": "bad-1", "user_id": str(uuid.uuid4()), "started_at": "x", "seconds": 1, "language": "en"}
+    app.send_task("metering.record_usage", args=[bad])
+    wait_until(lambda: scalar("SELECT count(*) FROM usage_events") == 400, 60, "400 single events")
+    wait_until(lambda: scalar("SELECT count(*) FROM dead_letters") == 1, 10, "the bad event's letter")
+    received = scalar("SELECT count(DISTINCT received_at) FROM usage_events")
+    assert received < 100, f"{received} transactions for 400 events: not coalesced"
+    with psycopg.connect(TEST_ENV["DATABASE_URL"]) as conn:
+        assert conn.execute("SELECT ref, reason FROM dead_letters").fetchone() == (
+            "bad-1",
+            "started_at is not an RFC 3339 time: 'x'",
+        )
+        conn.execute("DELETE FROM dead_letters")
+        conn.commit()
+    assert_exact(users, events)
