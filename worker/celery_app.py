@@ -83,5 +83,4 @@ def _configure_logging(**_kwargs: object) -> None:
     configure_logging(settings().log_level)
 
 
-
 app = create_app()
