@@ -11,7 +11,7 @@ schema.sql) so that set-based statements and Python agree.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 
 import sqlalchemy as sa
@@ -30,10 +30,6 @@ class Span:
     last: datetime
 
 
-def limit_ms(plan: str) -> int:
-    return settings().minutes_for_plan(plan) * 60_000
-
-
 _CREATE_FREE_SUBSCRIPTIONS = sa.text(
     """
     INSERT INTO subscriptions (user_id, plan_type, status, current_period_start, current_period_end,
@@ -42,8 +38,7 @@ _CREATE_FREE_SUBSCRIPTIONS = sa.text(
            (b.period_end AT TIME ZONE worker_timezone(p.timezone))::date, :free_minutes, 0, :now, :now
     FROM profiles p
     CROSS JOIN LATERAL (
-        SELECT previous_period_start(next_period_end(:now, worker_timezone(p.timezone), true),
-                                     worker_timezone(p.timezone)) AS period_start,
+        SELECT calendar_month_start(:now, worker_timezone(p.timezone)) AS period_start,
                next_period_end(:now, worker_timezone(p.timezone), true) AS period_end
     ) b
     WHERE p.id = ANY(CAST(:user_ids AS uuid[]))
@@ -66,7 +61,9 @@ _CREATE_CURRENT_PERIODS = sa.text(
 )
 
 # One step outwards for every user whose known periods do not yet cover their usage: the period after
-# the last known one, and the period before the first. Repeated until nothing is missing.
+# the last known one, and the period before the first. Repeated until nothing is missing. A period before
+# the first known one (late usage from before the subscription's current period) is over, so it is born
+# archived: only the current period and those after it are open.
 _EXTEND_PERIODS = sa.text(
     """
     WITH wanted AS (
@@ -83,14 +80,17 @@ _EXTEND_PERIODS = sa.text(
         WHERE k.last_at > k.known_end OR k.first_at < k.known_start
     ), missing AS (
         SELECT user_id, known_end AS period_start, next_period_end(known_end, tz, calendar) AS period_end,
-               plan_type, monthly_minutes_limit
+               plan_type, monthly_minutes_limit, NULL::timestamptz AS archived_at
         FROM plan WHERE last_at > known_end
         UNION ALL
-        SELECT user_id, previous_period_start(known_start, tz), known_start, plan_type, monthly_minutes_limit
+        SELECT user_id, previous_period_start(known_start, tz, calendar), known_start, plan_type, monthly_minutes_limit,
+               CAST(:now AS timestamptz)
         FROM plan WHERE first_at < known_start
     )
-    INSERT INTO usage_periods (user_id, period_start, period_end, plan_type, monthly_minutes_limit, limit_ms)
-    SELECT user_id, period_start, period_end, plan_type, monthly_minutes_limit, monthly_minutes_limit::bigint * 60000
+    INSERT INTO usage_periods (user_id, period_start, period_end, plan_type, monthly_minutes_limit, limit_ms,
+                               archived_at)
+    SELECT user_id, period_start, period_end, plan_type, monthly_minutes_limit, monthly_minutes_limit::bigint * 60000,
+           archived_at
     FROM missing
     ORDER BY user_id, period_start
     ON CONFLICT (user_id, period_start) DO NOTHING
@@ -117,7 +117,7 @@ def ensure_periods(conn: Connection, spans: Mapping[str, Span], now: datetime) -
     conn.execute(_CREATE_FREE_SUBSCRIPTIONS, {"user_ids": params["user_ids"], "now": now, "free_minutes": free_minutes})
     conn.execute(_CREATE_CURRENT_PERIODS, {"user_ids": params["user_ids"]})
     for _ in range(MAX_PERIOD_STEPS):
-        if conn.execute(_EXTEND_PERIODS, params).first() is None:
+        if conn.execute(_EXTEND_PERIODS, {**params, "now": now}).first() is None:
             return
     raise RuntimeError(f"usage spans more than {MAX_PERIOD_STEPS} periods for some of {len(spans)} users")
 
@@ -164,6 +164,33 @@ def spans_of(intervals: Iterable[tuple[str, datetime, datetime]]) -> dict[str, S
 
 RESET_BATCH = 500  # subscriptions moved per statement round; each round commits nothing by itself
 
+_DUE_USERS = sa.text(
+    """
+    SELECT user_id::text FROM subscriptions
+    WHERE current_period_end <= :now
+      AND (CAST(:user_ids AS uuid[]) IS NULL OR user_id = ANY(CAST(:user_ids AS uuid[])))
+    ORDER BY user_id
+    """
+)
+
+# The lock order puts usage_periods before subscriptions, and metering holds period rows while it waits
+# for the subscription. So the period rows a move writes (the open ones up to the new start) are locked
+# first, without waiting; users with a row held elsewhere are returned as busy and left for a later pass.
+# A reset therefore never waits for a row lock, and so can never be half of a deadlock.
+_LOCK_PERIODS = sa.text(
+    """
+    WITH touched AS (
+        SELECT u.id, u.user_id
+        FROM subscriptions s JOIN usage_periods u ON u.user_id = s.user_id
+        WHERE s.user_id = ANY(CAST(:user_ids AS uuid[])) AND s.current_period_end <= :now
+          AND u.archived_at IS NULL AND u.period_start <= s.current_period_end
+    ), locked AS MATERIALIZED (
+        SELECT id FROM usage_periods WHERE id IN (SELECT id FROM touched) ORDER BY id FOR UPDATE SKIP LOCKED
+    )
+    SELECT DISTINCT user_id::text FROM touched WHERE id NOT IN (SELECT id FROM locked)
+    """
+)
+
 _DUE = sa.text(
     """
     SELECT s.user_id::text AS user_id, s.current_period_end AS new_start,
@@ -171,10 +198,8 @@ _DUE = sa.text(
                            s.stripe_subscription_id IS NULL OR s.plan_type = 'free') AS new_end,
            s.plan_type, s.monthly_minutes_limit
     FROM subscriptions s JOIN profiles p ON p.id = s.user_id
-    WHERE s.current_period_end <= :now
-      AND (CAST(:user_ids AS uuid[]) IS NULL OR s.user_id = ANY(CAST(:user_ids AS uuid[])))
+    WHERE s.current_period_end <= :now AND s.user_id = ANY(CAST(:user_ids AS uuid[]))
     ORDER BY s.user_id
-    LIMIT :batch
     FOR UPDATE OF s SKIP LOCKED
     """
 )
@@ -255,18 +280,29 @@ def move_to_periods(conn: Connection, starts: list[PeriodStart], now: datetime, 
 class ResetResult:
     users: set[str]
     periods_archived: int
+    busy: set[str] = field(default_factory=set)  # still due: another transaction held their rows
 
 
 def advance_due(conn: Connection, now: datetime, user_ids: list[str] | None = None) -> ResetResult:
     """Move every subscription whose period ended by `now` to its next period, one period at a time, so a
-    reset that runs months late archives each missed period. Rows locked by another run are skipped
-    (that run moves them), so two runs at once never move one subscription twice."""
+    reset that runs months late archives each missed period: each pass moves every due user one period,
+    until a pass moves nobody. Rows locked by another transaction are skipped, never waited for (a
+    concurrent run moves them, or the next run does), so two runs at once never move one subscription
+    twice and a reset never deadlocks with metering."""
     result = ResetResult(set(), 0)
     while True:
-        due = conn.execute(_DUE, {"now": now, "user_ids": user_ids, "batch": RESET_BATCH}).all()
-        if not due:
+        due = list(conn.execute(_DUE_USERS, {"now": now, "user_ids": user_ids}).scalars())
+        moved = 0
+        for first in range(0, len(due), RESET_BATCH):
+            chunk = due[first : first + RESET_BATCH]
+            busy = set(conn.execute(_LOCK_PERIODS, {"now": now, "user_ids": chunk}).scalars())
+            ready = [user_id for user_id in chunk if user_id not in busy]
+            rows = conn.execute(_DUE, {"now": now, "user_ids": ready}).all() if ready else []
+            moves = [PeriodStart(row.user_id, row.new_start, row.new_end, row.plan_type, row.monthly_minutes_limit)
+                     for row in rows]  # fmt: skip
+            result.periods_archived += move_to_periods(conn, moves, now, authoritative=False)
+            result.users.update(move.user_id for move in moves)
+            moved += len(moves)
+        if not moved:
+            result.busy = set(due)
             return result
-        moves = [PeriodStart(row.user_id, row.new_start, row.new_end, row.plan_type, row.monthly_minutes_limit)
-                 for row in due]  # fmt: skip
-        result.periods_archived += move_to_periods(conn, moves, now, authoritative=False)
-        result.users.update(row.user_id for row in due)
