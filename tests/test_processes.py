@@ -50,7 +50,7 @@ def test_web_worker_and_beat_come_up_under_honcho(tmp_path: Path) -> None:
     honcho = bin_dir / "honcho"
     log = (tmp_path / "honcho.log").open("w")
     process = subprocess.Popen(
-        [str(honcho), "start", "web", "worker", "beat"],
+        [str(honcho), "start", "-p", str(port), "web", "worker", "beat"],
         cwd=ROOT,
         env=env,
         stdout=log,
