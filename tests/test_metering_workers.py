@@ -15,10 +15,10 @@ from datetime import UTC, datetime, timedelta
 import psycopg
 import pytest
 import sqlalchemy as sa
-from conftest import TEST_ENV, insert_user
+from conftest import TEST_ENV, flush_redis, insert_user
 from test_metering import event, reference
 
-from worker import app, db
+from worker import app, db, metering, quota
 
 pytestmark = pytest.mark.usefixtures("committed")
 
@@ -164,3 +164,20 @@ def test_the_single_event_path_coalesces_into_few_transactions(thread_worker) ->
         conn.execute("DELETE FROM dead_letters")
         conn.commit()
     assert_exact(users, events)
+
+
+def test_quota_check_answers_from_redis_and_after_a_flush_from_postgres(redis_client) -> None:
+    now = datetime.now(UTC)
+    users = make_users(1)
+    (user,) = users
+    with db.transaction() as conn:
+        outcome = metering.apply_events(conn, make_events(users, 50, now, seed=19), now)
+    quota.publish(outcome.quotas.values())
+    expected = outcome.quotas[str(user)]
+    assert redis_client.exists(quota.KEY_PREFIX + str(user))
+    assert quota.check(user) == expected
+    flush_redis()
+    assert quota.check(str(user).upper()) == expected  # from PostgreSQL, and cached again
+    assert redis_client.exists(quota.KEY_PREFIX + str(user))
+    with pytest.raises(quota.UnknownUser):
+        quota.check(uuid.uuid4())
