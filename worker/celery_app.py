@@ -21,7 +21,7 @@ from worker.config import settings
 from worker.logs import configure_logging
 
 QUEUES = ("usage", "stripe", "maintenance")
-TASK_MODULES = ["worker.tasks.metering"]
+TASK_MODULES = ["worker.tasks.metering", "worker.tasks.stripe"]
 
 
 def redis_transport_options(visibility_timeout: int) -> dict[str, int]:

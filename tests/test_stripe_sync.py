@@ -1,0 +1,775 @@
+"""Stripe events applied to subscriptions, against the real database (rolled back after each test).
+
+Payloads are built as Stripe sends them, in both API shapes: before 2025-03-31 (period bounds on the
+subscription, an invoice's subscription at `subscription`) and from then on (bounds on the items, the
+subscription at `parent.subscription_details`). The builders and the fake Stripe API here also serve
+tests/test_stripe_webhook.py.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import uuid
+from datetime import UTC, datetime, timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from conftest import environment, insert_user
+
+from worker import dead_letters, stripe_sync
+from worker.dead_letters import Rejected
+
+API_BEFORE_BASIL = "2024-06-20"
+API_BASIL = "2025-03-31.basil"
+SHAPES = (API_BEFORE_BASIL, API_BASIL)
+
+NOW = datetime(2027, 3, 10, 12, 0, tzinfo=UTC)
+PERIOD_START = datetime(2027, 3, 5, 8, 0, tzinfo=UTC)  # Stripe's period: mid-month, not a calendar boundary
+PERIOD_END = datetime(2027, 4, 5, 8, 0, tzinfo=UTC)
+MARCH = (datetime(2027, 3, 1, tzinfo=UTC), datetime(2027, 4, 1, tzinfo=UTC))  # a UTC user's calendar month
+
+
+def ts(moment: datetime) -> int:
+    return int(moment.timestamp())
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex[:14]}"
+
+
+# -- payloads as Stripe sends them -------------------------------------------------------------------------
+
+
+def stripe_event(
+    type_: str, obj: dict, created: int, api_version: str = API_BASIL, event_id: str | None = None
+) -> dict:
+    return {
+        "id": event_id or new_id("evt"),
+        "object": "event",
+        "api_version": api_version,
+        "created": created,
+        "livemode": False,
+        "pending_webhooks": 1,
+        "request": {"id": new_id("req"), "idempotency_key": None},
+        "type": type_,
+        "data": {"object": obj, "previous_attributes": {}} if type_.endswith(".updated") else {"object": obj},
+    }
+
+
+def price(price_id: str = "price_standard", unit_amount: int = 1500, **metadata: str) -> dict:
+    return {
+        "id": price_id,
+        "object": "price",
+        "active": True,
+        "currency": "usd",
+        "unit_amount": unit_amount,
+        "recurring": {"interval": "month", "interval_count": 1, "usage_type": "licensed"},
+        "metadata": metadata,
+        "product": "prod_worldspeak",
+        "type": "recurring",
+    }
+
+
+def subscription(
+    subscription_id: str,
+    customer: str,
+    api_version: str = API_BASIL,
+    status: str = "active",
+    price_object: dict | None = None,
+    start: datetime = PERIOD_START,
+    end: datetime = PERIOD_END,
+    user_id: uuid.UUID | None = None,
+    **fields: Any,
+) -> dict:
+    item = {
+        "id": f"si_{subscription_id[4:]}",
+        "object": "subscription_item",
+        "price": price_object or price(),
+        "quantity": 1,
+        "subscription": subscription_id,
+    }
+    payload = {
+        "id": subscription_id,
+        "object": "subscription",
+        "customer": customer,
+        "status": status,
+        "cancel_at_period_end": False,
+        "canceled_at": None,
+        "ended_at": None,
+        "trial_end": None,
+        "metadata": {"user_id": str(user_id)} if user_id else {},
+        "items": {"object": "list", "data": [item], "has_more": False},
+        **fields,
+    }
+    bounds = {"current_period_start": ts(start), "current_period_end": ts(end)}
+    (payload if api_version < "2025-03-31" else item).update(bounds)
+    return payload
+
+
+def invoice_line(subscription_id: str, start: datetime, end: datetime, api_version: str, proration: bool) -> dict:
+    line = {
+        "id": new_id("il"),
+        "object": "line_item",
+        "amount": 1500,
+        "currency": "usd",
+        "period": {"start": ts(start), "end": ts(end)},
+    }
+    if api_version < "2025-03-31":
+        line.update(type="subscription", proration=proration, subscription=subscription_id)
+    else:
+        details = {"subscription": subscription_id, "subscription_item": "si_x", "proration": proration}
+        line["parent"] = {"type": "subscription_item_details", "subscription_item_details": details}
+    return line
+
+
+def invoice(
+    subscription_id: str | None,
+    customer: str,
+    api_version: str = API_BASIL,
+    start: datetime = PERIOD_START,
+    end: datetime = PERIOD_END,
+    proration_first: bool = False,
+) -> dict:
+    lines = [invoice_line(subscription_id or "", start, end, api_version, proration=False)]
+    if proration_first:
+        lines.insert(0, invoice_line(subscription_id or "", start + timedelta(days=9), end, api_version, True))
+    payload = {
+        "id": new_id("in"),
+        "object": "invoice",
+        "customer": customer,
+        "billing_reason": "subscription_cycle",
+        "status": "paid",
+        "period_start": ts(start - timedelta(days=31)),  # Stripe: the previous period, for subscription invoices
+        "period_end": ts(start),
+        "lines": {"object": "list", "data": lines, "has_more": False},
+    }
+    if subscription_id is not None:
+        if api_version < "2025-03-31":
+            payload["subscription"] = subscription_id
+        else:
+            details = {"subscription": subscription_id, "metadata": {}}
+            payload["parent"] = {"type": "subscription_details", "subscription_details": details}
+    return payload
+
+
+def checkout_session(customer: str | None, subscription_id: str | None, user_id: Any, via: str = "reference") -> dict:
+    return {
+        "id": new_id("cs_test"),
+        "object": "checkout.session",
+        "mode": "subscription" if subscription_id else "payment",
+        "status": "complete",
+        "customer": customer,
+        "subscription": subscription_id,
+        "client_reference_id": str(user_id) if via == "reference" else None,
+        "metadata": {"user_id": str(user_id)} if via == "metadata" else {},
+    }
+
+
+# -- a local server that answers like Stripe's API ---------------------------------------------------------
+
+
+class FakeStripe:
+    """GET /v1/subscriptions/{id} answered from `subscriptions` (or with `fail_status`); requests recorded."""
+
+    def __init__(self) -> None:
+        self.subscriptions: dict[str, dict] = {}
+        self.requests: list[dict] = []
+        self.fail_status: int | None = None
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                fake.requests.append({"path": self.path, "authorization": self.headers.get("Authorization")})
+                match = re.fullmatch(r"/v1/subscriptions/([A-Za-z0-9_]+)", self.path.split("?")[0])
+                found = fake.subscriptions.get(match.group(1)) if match else None
+                if fake.fail_status is not None:
+                    self._answer(fake.fail_status, {"error": {"type": "api_error", "message": "Stripe is down"}})
+                elif found is None:
+                    message = f"No such subscription: '{match.group(1) if match else self.path}'"
+                    error = {"type": "invalid_request_error", "code": "resource_missing", "message": message}
+                    self._answer(404, {"error": error})
+                else:
+                    self._answer(200, found)
+
+            def _answer(self, status: int, body: dict) -> None:
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.send_header("Request-Id", "req_fake")
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *_args: Any) -> None:
+                pass
+
+        return Handler
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def fake_stripe() -> Any:
+    fake = FakeStripe()
+    with environment(STRIPE_API_KEY="sk_test_fake", STRIPE_API_BASE=fake.url):
+        yield fake
+    fake.close()
+
+
+# -- helpers -----------------------------------------------------------------------------------------------
+
+
+def deliver(connection: sa.Connection, event: dict, now: datetime = NOW) -> stripe_sync.Processed:
+    stripe_sync.store(connection, event, now)
+    return stripe_sync.process(connection, event["id"], now)
+
+
+def row(connection: sa.Connection, user: uuid.UUID) -> sa.Row:
+    return connection.execute(sa.text("SELECT * FROM subscriptions WHERE user_id = :u"), {"u": user}).one()
+
+
+def inbox(connection: sa.Connection, event_id: str) -> sa.Row:
+    return connection.execute(sa.text("SELECT * FROM stripe_events WHERE id = :id"), {"id": event_id}).one()
+
+
+def letters(connection: sa.Connection, event_id: str) -> list[sa.Row]:
+    query = "SELECT * FROM dead_letters WHERE source = 'stripe' AND ref = :id ORDER BY id"
+    return connection.execute(sa.text(query), {"id": event_id}).all()
+
+
+def open_periods(connection: sa.Connection, user: uuid.UUID) -> list[sa.Row]:
+    query = "SELECT * FROM usage_periods WHERE user_id = :u AND archived_at IS NULL ORDER BY period_start"
+    return connection.execute(sa.text(query), {"u": user}).all()
+
+
+def all_periods(connection: sa.Connection, user: uuid.UUID) -> list[tuple]:
+    query = "SELECT period_start, period_end, plan_type, archived_at IS NOT NULL FROM usage_periods WHERE user_id = :u"
+    return [tuple(r) for r in connection.execute(sa.text(query + " ORDER BY period_start"), {"u": user})]
+
+
+def audit_actors(connection: sa.Connection, user: uuid.UUID) -> list[str]:
+    query = "SELECT actor FROM audit_logs WHERE user_id = :u AND table_name = 'subscriptions'"
+    return list(connection.scalars(sa.text(query), {"u": user}))
+
+
+def linked_user(connection: sa.Connection, customer: str, **profile: Any) -> uuid.UUID:
+    """A user whose Stripe customer was tied to them by a completed checkout."""
+    user = insert_user(connection, **profile)
+    session = checkout_session(customer, None, user)
+    the_day_before = PERIOD_START - timedelta(days=1)
+    done = deliver(connection, stripe_event("checkout.session.completed", session, ts(the_day_before)), the_day_before)
+    assert done.outcome == "applied"
+    return user
+
+
+def subscribed_user(connection: sa.Connection, api_version: str = API_BASIL, **profile: Any) -> tuple:
+    customer, subscription_id = new_id("cus"), new_id("sub")
+    user = linked_user(connection, customer, **profile)
+    created = stripe_event(
+        "customer.subscription.created", subscription(subscription_id, customer, api_version), ts(PERIOD_START)
+    )
+    assert deliver(connection, created, PERIOD_START + timedelta(seconds=5)).outcome == "applied"
+    return user, customer, subscription_id
+
+
+# -- linking -----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("via", ["reference", "metadata"])
+def test_checkout_ties_customer_and_subscription_to_the_user(connection, via) -> None:
+    user = insert_user(connection)
+    session = checkout_session("cus_link", "sub_link", user, via=via)
+    event = stripe_event("checkout.session.completed", session, ts(NOW))
+    processed = deliver(connection, event)
+    assert (processed.outcome, processed.user_id) == ("applied", str(user))
+    subscription_row = row(connection, user)
+    assert (subscription_row.stripe_customer_id, subscription_row.stripe_subscription_id) == ("cus_link", "sub_link")
+    assert subscription_row.plan_type == "free"  # the plan comes with the subscription's own events
+    assert set(audit_actors(connection, user)) == {f"stripe:{event['id']}"}
+
+
+@pytest.mark.parametrize("named", [None, "not-a-uuid", str(uuid.UUID(int=7))])
+def test_checkout_naming_no_known_user_is_dead_lettered(connection, named) -> None:
+    event = stripe_event("checkout.session.completed", checkout_session("cus_x", "sub_x", named), ts(NOW))
+    assert deliver(connection, event).outcome == "dead_lettered"
+    (letter,) = letters(connection, event["id"])
+    assert "names no known user" in letter.reason
+    assert letter.payload == event
+
+
+def test_checkout_does_not_take_a_subscription_linked_to_another_user(connection) -> None:
+    first, second = insert_user(connection), insert_user(connection)
+    deliver(connection, stripe_event("checkout.session.completed", checkout_session("cus_a", "sub_a", first), 1))
+    event = stripe_event("checkout.session.completed", checkout_session("cus_b", "sub_a", second), 2)
+    assert deliver(connection, event).outcome == "dead_lettered"
+    assert f"already linked to user {first}" in letters(connection, event["id"])[0].reason
+
+
+# -- subscription events, both shapes ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("api_version", SHAPES)
+@pytest.mark.parametrize(
+    ("type_", "status", "expected_status"),
+    [
+        ("customer.subscription.created", "active", "active"),
+        ("customer.subscription.updated", "trialing", "active"),
+        ("customer.subscription.paused", "paused", "paused"),
+        ("customer.subscription.resumed", "active", "active"),
+    ],
+)
+def test_subscription_events_set_plan_status_and_period(connection, api_version, type_, status, expected_status):
+    customer, subscription_id = new_id("cus"), new_id("sub")
+    user = linked_user(connection, customer)
+    payload = subscription(subscription_id, customer, api_version, status=status, trial_end=ts(PERIOD_END))
+    event = stripe_event(type_, payload, ts(NOW) - 60, api_version)
+    processed = deliver(connection, event)
+    assert (processed.outcome, processed.user_id) == ("applied", str(user))
+
+    subscription_row = row(connection, user)
+    assert (subscription_row.status, subscription_row.stripe_status) == (expected_status, status)
+    assert (subscription_row.plan_type, subscription_row.monthly_minutes_limit) == ("standard", 900)
+    assert (subscription_row.current_period_start, subscription_row.current_period_end) == (PERIOD_START, PERIOD_END)
+    assert subscription_row.reset_date == PERIOD_END.date()
+    assert subscription_row.stripe_subscription_id == subscription_id
+    assert (subscription_row.stripe_price_id, subscription_row.monthly_price_cents) == ("price_standard", 1500)
+    assert subscription_row.currency == "USD"
+    assert subscription_row.trial_end == PERIOD_END
+    assert subscription_row.stripe_state_at == datetime.fromtimestamp(event["created"], UTC)
+    assert subscription_row.stripe_state_event_id == event["id"]
+    # The free calendar period ends where Stripe's starts; Stripe's is the one open period, with its limit.
+    assert all_periods(connection, user) == [
+        (MARCH[0], PERIOD_START, "free", True),
+        (PERIOD_START, PERIOD_END, "standard", False),
+    ]
+    assert open_periods(connection, user)[0].limit_ms == 900 * 60_000
+    inbox_row = inbox(connection, event["id"])
+    assert (inbox_row.outcome, inbox_row.attempts, inbox_row.last_error) == ("applied", 1, None)
+    assert inbox_row.processed_at == NOW
+    assert f"stripe:{event['id']}" in audit_actors(connection, user)
+
+
+@pytest.mark.parametrize("api_version", SHAPES)
+def test_deleted_subscription_puts_the_user_back_on_the_free_calendar_month(connection, api_version) -> None:
+    user, customer, subscription_id = subscribed_user(connection, api_version, timezone="Asia/Tokyo")
+    ended = subscription(subscription_id, customer, api_version, status="canceled", canceled_at=ts(NOW))
+    # Stripe sends the deletion when the period is over (cancel at period end): the free month follows it.
+    after_end = PERIOD_END + timedelta(seconds=3)
+    event = stripe_event("customer.subscription.deleted", ended, ts(PERIOD_END), api_version)
+    assert deliver(connection, event, after_end).outcome == "applied"
+
+    subscription_row = row(connection, user)
+    assert (subscription_row.plan_type, subscription_row.monthly_minutes_limit) == ("free", 60)
+    assert (subscription_row.status, subscription_row.stripe_status) == ("canceled", "canceled")
+    assert subscription_row.canceled_at == NOW
+    # Tokyo's May 1st, 00:00 (UTC+9), ends the free period that starts where the paid one ended.
+    tokyo_may = datetime(2027, 4, 30, 15, tzinfo=UTC)
+    assert (subscription_row.current_period_start, subscription_row.current_period_end) == (PERIOD_END, tokyo_may)
+    assert [(p.period_start, p.plan_type, p.limit_ms) for p in open_periods(connection, user)] == [
+        (PERIOD_END, "free", 60 * 60_000)
+    ]
+
+
+def test_deleted_mid_period_keeps_the_usage_of_the_period_on_the_free_plan(connection) -> None:
+    user, customer, subscription_id = subscribed_user(connection)
+    ended = subscription(subscription_id, customer, status="canceled")
+    assert deliver(connection, stripe_event("customer.subscription.deleted", ended, ts(NOW))).outcome == "applied"
+    subscription_row = row(connection, user)
+    # The period runs from the paid period's start to the calendar month's end, no period overlapping another.
+    assert (subscription_row.current_period_start, subscription_row.current_period_end) == (PERIOD_START, MARCH[1])
+    assert all_periods(connection, user) == [
+        (MARCH[0], PERIOD_START, "free", True),
+        (PERIOD_START, MARCH[1], "free", False),
+    ]
+
+
+def test_a_deleted_subscription_that_is_not_the_users_current_one_changes_nothing(connection) -> None:
+    user, customer, _ = subscribed_user(connection)
+    other = subscription(new_id("sub"), customer, status="canceled")
+    processed = deliver(connection, stripe_event("customer.subscription.deleted", other, ts(NOW)))
+    assert processed.outcome == "ignored"
+    assert row(connection, user).plan_type == "standard"
+
+
+@pytest.mark.parametrize(
+    ("status", "expected"),
+    [(status, mapped) for status, mapped in stripe_sync.STATUSES.items()] + [("incomplete", None)],
+)
+def test_every_stripe_status_maps_to_the_seeds_four(connection, status, expected) -> None:
+    customer = new_id("cus")
+    user = linked_user(connection, customer)
+    event = stripe_event("customer.subscription.updated", subscription(new_id("sub"), customer, status=status), 5)
+    processed = deliver(connection, event)
+    subscription_row = row(connection, user)
+    if expected is None:  # incomplete: recorded, nothing changes yet
+        assert processed.outcome == "ignored"
+        assert (subscription_row.status, subscription_row.stripe_status, subscription_row.plan_type) == (
+            "active",
+            None,
+            "free",
+        )
+        return
+    assert processed.outcome == "applied"
+    assert (subscription_row.status, subscription_row.stripe_status) == (expected, status)
+    assert subscription_row.plan_type == ("free" if expected == "canceled" else "standard")
+
+
+def test_a_subscription_finds_its_user_through_metadata_and_links_the_customer(connection) -> None:
+    user = insert_user(connection)
+    payload = subscription("sub_meta", "cus_meta", user_id=user)
+    assert deliver(connection, stripe_event("customer.subscription.created", payload, 5)).outcome == "applied"
+    assert (row(connection, user).stripe_customer_id, row(connection, user).stripe_subscription_id) == (
+        "cus_meta",
+        "sub_meta",
+    )
+
+
+def test_a_new_live_subscription_of_the_customer_replaces_the_old_one(connection) -> None:
+    user, customer, old_id = subscribed_user(connection)
+    replacement = subscription(new_id("sub"), customer, price_object=price("price_premium"))
+    assert deliver(connection, stripe_event("customer.subscription.created", replacement, ts(NOW))).outcome == "applied"
+    assert (row(connection, user).stripe_subscription_id, row(connection, user).plan_type) == (
+        replacement["id"],
+        "premium",
+    )
+    # The old subscription ending later does not end the new one.
+    ended = subscription(old_id, customer, status="canceled")
+    assert deliver(connection, stripe_event("customer.subscription.deleted", ended, ts(NOW) + 5)).outcome == "ignored"
+    assert row(connection, user).plan_type == "premium"
+
+
+def test_a_period_already_behind_the_current_one_changes_only_the_plan(connection) -> None:
+    user, customer, subscription_id = subscribed_user(connection)
+    earlier = subscription(subscription_id, customer, price_object=price("price_premium"),
+                           start=PERIOD_START - timedelta(days=31), end=PERIOD_START)  # fmt: skip
+    assert deliver(connection, stripe_event("customer.subscription.updated", earlier, ts(NOW))).outcome == "applied"
+    subscription_row = row(connection, user)
+    assert (subscription_row.current_period_start, subscription_row.current_period_end) == (PERIOD_START, PERIOD_END)
+    assert [(p.period_start, p.plan_type) for p in open_periods(connection, user)] == [(PERIOD_START, "premium")]
+
+
+# -- plans from prices ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("price_object", "plan", "minutes"),
+    [
+        (price("price_premium"), "premium", 3000),
+        (price("price_standard", monthly_minutes="1200"), "standard", 1200),
+        (price("price_custom", plan="enterprise"), "enterprise", 10000),
+        (price("price_custom", plan="premium", monthly_minutes="4500"), "premium", 4500),
+    ],
+)
+def test_the_plan_comes_from_the_price(connection, price_object, plan, minutes) -> None:
+    customer = new_id("cus")
+    user = linked_user(connection, customer)
+    payload = subscription(new_id("sub"), customer, price_object=price_object)
+    deliver(connection, stripe_event("customer.subscription.created", payload, 5))
+    assert (row(connection, user).plan_type, row(connection, user).monthly_minutes_limit) == (plan, minutes)
+    assert open_periods(connection, user)[-1].limit_ms == minutes * 60_000
+
+
+def test_a_plan_change_within_the_period_changes_the_open_periods_limit(connection) -> None:
+    user, customer, subscription_id = subscribed_user(connection)
+    upgraded = subscription(subscription_id, customer, price_object=price("price_premium"))
+    assert deliver(connection, stripe_event("customer.subscription.updated", upgraded, ts(NOW))).outcome == "applied"
+    (period,) = open_periods(connection, user)
+    assert (period.period_start, period.plan_type, period.limit_ms) == (PERIOD_START, "premium", 3000 * 60_000)
+    assert (row(connection, user).plan_type, row(connection, user).monthly_minutes_limit) == ("premium", 3000)
+
+
+def test_an_unknown_price_is_dead_lettered_and_replays_once_configured(connection) -> None:
+    customer = new_id("cus")
+    user = linked_user(connection, customer)
+    payload = subscription(new_id("sub"), customer, price_object=price("price_mystery"))
+    event = stripe_event("customer.subscription.created", payload, 5)
+    assert deliver(connection, event).outcome == "dead_lettered"
+    (letter,) = letters(connection, event["id"])
+    assert "unknown Stripe price price_mystery" in letter.reason
+    assert inbox(connection, event["id"]).last_error == letter.reason
+    assert row(connection, user).plan_type == "free"
+
+    assert dead_letters.replay(connection, letter.id, NOW).reason == letter.reason  # still unknown: stays
+    with environment(STRIPE_PRICE_PLANS="price_mystery=premium"):
+        assert dead_letters.replay(connection, letter.id, NOW).reason is None
+    assert row(connection, user).plan_type == "premium"
+    assert inbox(connection, event["id"]).outcome == "applied"
+    assert letters(connection, event["id"])[0].replayed_at == NOW
+
+
+def test_an_unknown_customer_is_dead_lettered_and_replays_once_linked(connection) -> None:
+    user = insert_user(connection)
+    event = stripe_event("customer.subscription.created", subscription("sub_orphan", "cus_orphan"), 5)
+    assert deliver(connection, event).outcome == "dead_lettered"
+    (letter,) = letters(connection, event["id"])
+    assert letter.reason.startswith("no user for Stripe customer cus_orphan")
+
+    deliver(connection, stripe_event("checkout.session.completed", checkout_session("cus_orphan", None, user), 6))
+    assert dead_letters.replay(connection, letter.id, NOW).reason is None
+    assert (row(connection, user).plan_type, row(connection, user).stripe_subscription_id) == ("standard", "sub_orphan")
+    # Replaying again (or a second letter of one event) applies nothing twice.
+    assert stripe_sync.replay_event(connection, {"id": event["id"]}, NOW) is not None
+    assert audit_actors(connection, user).count(f"stripe:{event['id']}") == 2  # the period move, then the state
+
+
+# -- invoices ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("api_version", SHAPES)
+@pytest.mark.parametrize("proration_first", [False, True])
+def test_a_paid_invoice_for_a_new_period_starts_it(connection, api_version, proration_first) -> None:
+    user, customer, subscription_id = subscribed_user(connection, api_version)
+    next_end = datetime(2027, 5, 5, 8, tzinfo=UTC)
+    paid = invoice(subscription_id, customer, api_version, PERIOD_END, next_end, proration_first)
+    event = stripe_event("invoice.paid", paid, ts(PERIOD_END) + 3600, api_version)
+    processed = deliver(connection, event, PERIOD_END + timedelta(hours=1))
+    assert processed.outcome == "applied"
+    subscription_row = row(connection, user)
+    assert (subscription_row.current_period_start, subscription_row.current_period_end) == (PERIOD_END, next_end)
+    assert (subscription_row.plan_type, subscription_row.monthly_minutes_limit) == ("standard", 900)
+    assert [p.period_start for p in open_periods(connection, user)] == [PERIOD_END]
+    # The invoice moved the period forward without claiming the state time: plan and status stay the
+    # business of subscription events, even ones of an earlier second.
+    assert subscription_row.stripe_state_event_id != event["id"]
+    assert f"stripe:{event['id']}" in audit_actors(connection, user)
+
+
+@pytest.mark.parametrize(
+    ("build", "outcome"),
+    [
+        (lambda sub, cus: invoice(sub, cus, start=PERIOD_START), "ignored"),  # the current period, not a new one
+        (lambda sub, cus: invoice(None, cus), "ignored"),  # a one-off invoice
+        (lambda sub, cus: invoice("sub_unlinked", cus), "ignored"),  # a subscription that is not ours
+        (lambda sub, cus: {**invoice(sub, cus), "lines": {"object": "list", "data": []}}, "dead_lettered"),
+    ],
+)
+def test_invoices_that_start_no_period(connection, build, outcome) -> None:
+    user, customer, subscription_id = subscribed_user(connection)
+    before = row(connection, user)
+    event = stripe_event("invoice.paid", build(subscription_id, customer), ts(NOW))
+    assert deliver(connection, event).outcome == outcome
+    assert row(connection, user).current_period_start == before.current_period_start
+
+
+@pytest.mark.parametrize("api_version", SHAPES)
+def test_a_failed_payment_marks_past_due_and_an_older_event_cannot_undo_it(connection, api_version) -> None:
+    user, customer, subscription_id = subscribed_user(connection, api_version)
+    failed = stripe_event("invoice.payment_failed", invoice(subscription_id, customer, api_version), ts(NOW))
+    assert deliver(connection, failed).outcome == "applied"
+    assert (row(connection, user).status, row(connection, user).stripe_state_event_id) == ("past_due", failed["id"])
+
+    older = stripe_event("customer.subscription.updated", subscription(subscription_id, customer), ts(NOW) - 1)
+    assert deliver(connection, older).outcome == "stale"
+    assert row(connection, user).status == "past_due"
+
+
+# -- order ---------------------------------------------------------------------------------------------------
+
+
+def test_a_stale_event_is_recorded_and_changes_nothing(connection) -> None:
+    user, customer, subscription_id = subscribed_user(connection)
+    newer = subscription(subscription_id, customer, price_object=price("price_premium"))
+    deliver(connection, stripe_event("customer.subscription.updated", newer, ts(NOW)))
+    audit_count = len(audit_actors(connection, user))
+    older = subscription(subscription_id, customer, price_object=price("price_enterprise"))
+    event = stripe_event("customer.subscription.updated", older, ts(NOW) - 30)
+    assert deliver(connection, event).outcome == "stale"
+    assert row(connection, user).plan_type == "premium"
+    assert len(audit_actors(connection, user)) == audit_count
+    assert inbox(connection, event["id"]).processed_at == NOW
+
+
+def test_same_second_events_take_what_stripe_says_now(connection, fake_stripe) -> None:
+    user, customer, subscription_id = subscribed_user(connection)
+    second = ts(NOW)
+    to_premium = subscription(subscription_id, customer, price_object=price("price_premium"))
+    to_enterprise = subscription(subscription_id, customer, price_object=price("price_enterprise"))
+    fake_stripe.subscriptions[subscription_id] = to_premium  # Stripe's current truth
+    deliver(connection, stripe_event("customer.subscription.updated", to_premium, second))
+    assert fake_stripe.requests == []  # the first event of a second needs no look-up
+    deliver(connection, stripe_event("customer.subscription.updated", to_enterprise, second))
+    assert row(connection, user).plan_type == "premium"
+    assert fake_stripe.requests == [
+        {"path": f"/v1/subscriptions/{subscription_id}", "authorization": "Bearer sk_test_fake"}
+    ]
+
+
+def test_same_second_payment_failure_applies_stripes_current_state(connection, fake_stripe) -> None:
+    user, customer, subscription_id = subscribed_user(connection)
+    recovered = subscription(subscription_id, customer, status="active")
+    fake_stripe.subscriptions[subscription_id] = recovered
+    deliver(connection, stripe_event("customer.subscription.updated", recovered, ts(NOW)))
+    deliver(connection, stripe_event("invoice.payment_failed", invoice(subscription_id, customer), ts(NOW)))
+    assert row(connection, user).status == "active"
+
+
+def test_same_second_without_an_api_key_the_later_event_wins(connection) -> None:
+    user, customer, subscription_id = subscribed_user(connection)
+    for plan in ("premium", "enterprise"):
+        payload = subscription(subscription_id, customer, price_object=price(f"price_{plan}"))
+        deliver(connection, stripe_event("customer.subscription.updated", payload, ts(NOW)))
+    assert row(connection, user).plan_type == "enterprise"
+
+
+def test_a_stripe_api_failure_is_retried_and_a_refusal_dead_lettered(connection, fake_stripe) -> None:
+    _, customer, subscription_id = subscribed_user(connection)
+    deliver(connection, stripe_event("customer.subscription.updated", subscription(subscription_id, customer), ts(NOW)))
+    same_second = stripe_event("customer.subscription.updated", subscription(subscription_id, customer), ts(NOW))
+    stripe_sync.store(connection, same_second, NOW)
+    fake_stripe.fail_status = 500
+    with pytest.raises(ConnectionError, match="Stripe API unavailable"):
+        stripe_sync.process(connection, same_second["id"], NOW)
+    fake_stripe.fail_status = None  # and Stripe does not know the subscription: a 404
+    assert stripe_sync.process(connection, same_second["id"], NOW).outcome == "dead_lettered"
+    assert "Stripe API refused subscription" in letters(connection, same_second["id"])[0].reason
+
+
+# -- bad payloads --------------------------------------------------------------------------------------------
+
+
+def _without(payload: dict, *path: str) -> dict:
+    target = payload
+    for key in path[:-1]:
+        target = target[key]
+    del target[path[-1]]
+    return payload
+
+
+@pytest.mark.parametrize(
+    ("type_", "build", "reason"),
+    [
+        ("customer.subscription.updated", lambda: _without(subscription("sub_1", "cus_1"), "id"), "not a subscription"),
+        ("customer.subscription.updated", lambda: _without(subscription("sub_1", "cus_1"), "status"), "no status"),
+        ("customer.subscription.updated", lambda: {**subscription("sub_1", "cus_1"), "items": {}}, "has no items"),
+        (
+            "customer.subscription.updated",
+            lambda: _without(subscription("sub_1", "cus_1"), "items", "data", 0, "current_period_start"),
+            "has no current period",
+        ),
+        (
+            "customer.subscription.updated",
+            lambda: _without(subscription("sub_1", "cus_1"), "items", "data", 0, "price"),
+            "has no price",
+        ),
+        ("customer.subscription.updated", lambda: subscription("sub_1", "cus_1", status="weird"), "unknown status"),
+        (
+            "customer.subscription.created",
+            lambda: subscription("sub_1", "cus_1", price_object=price("price_x", plan="gold")),
+            "unknown plan 'gold'",
+        ),
+        (
+            "customer.subscription.created",
+            lambda: subscription("sub_1", "cus_1", price_object=price("price_x", plan="premium", monthly_minutes="-5")),
+            "not a whole number",
+        ),
+        ("customer.subscription.updated", lambda: {"object": "customer", "id": "cus_1"}, "not a subscription"),
+        ("invoice.paid", lambda: _without(invoice("sub_1", "cus_1"), "lines"), "no line with a period"),
+    ],
+)
+def test_a_payload_missing_what_it_needs_is_dead_lettered_with_its_reason(connection, type_, build, reason) -> None:
+    user = linked_user(connection, "cus_1")
+    deliver(connection, stripe_event("checkout.session.completed", checkout_session("cus_1", "sub_1", user), 1))
+    event = stripe_event(type_, build(), ts(NOW))
+    assert deliver(connection, event).outcome == "dead_lettered"
+    (letter,) = letters(connection, event["id"])
+    assert reason in letter.reason
+    assert (letter.task_name, letter.payload["id"]) == ("stripe.process_event", event["id"])
+    assert row(connection, user).plan_type == "free"
+
+
+def test_an_unhandled_type_is_stored_and_ignored(connection) -> None:
+    event = stripe_event("customer.created", {"object": "customer", "id": "cus_new"}, 5)
+    assert deliver(connection, event).outcome == "ignored"
+    assert inbox(connection, event["id"]).processed_at == NOW
+
+
+def test_a_processed_event_is_never_applied_twice(connection) -> None:
+    user, customer, subscription_id = subscribed_user(connection)
+    event = stripe_event(
+        "customer.subscription.updated", subscription(subscription_id, customer, status="paused"), ts(NOW)
+    )
+    first = deliver(connection, event)
+    audit_count = len(audit_actors(connection, user))
+    again = deliver(connection, event)
+    assert (first.already, again.already, again.outcome, again.user_id) == (False, True, "applied", None)
+    assert len(audit_actors(connection, user)) == audit_count
+    assert inbox(connection, event["id"]).attempts == 1
+
+
+def test_an_event_not_in_the_inbox_is_rejected(connection) -> None:
+    with pytest.raises(Rejected, match="not in stripe_events"):
+        stripe_sync.process(connection, "evt_never_stored", NOW)
+    with pytest.raises(Rejected, match="not in stripe_events"):
+        stripe_sync.replay_event(connection, {"not": "an event"}, NOW)
+
+
+# -- the sweep -----------------------------------------------------------------------------------------------
+
+
+def stored(connection: sa.Connection, received_at: datetime, **columns: Any) -> str:
+    event = stripe_event("customer.created", {"object": "customer", "id": new_id("cus")}, ts(received_at))
+    stripe_sync.store(connection, event, received_at)
+    if columns:
+        assignments = ", ".join(f"{name} = :{name}" for name in columns)
+        connection.execute(
+            sa.text(f"UPDATE stripe_events SET {assignments} WHERE id = :id"), {**columns, "id": event["id"]}
+        )
+    return event["id"]
+
+
+def test_the_sweep_requeues_rows_whose_message_was_lost(connection) -> None:
+    lost = stored(connection, NOW - timedelta(minutes=10))
+    recent = stored(connection, NOW - timedelta(minutes=1))  # its message is presumably still queued
+    tried_recently = stored(connection, NOW - timedelta(minutes=10), attempts=1, last_attempt_at=NOW)
+    done = stored(connection, NOW - timedelta(minutes=10))
+    stripe_sync.process(connection, done, NOW - timedelta(minutes=9))
+
+    result = stripe_sync.sweep(connection, NOW)
+    assert lost in result.requeue
+    assert {recent, tried_recently, done}.isdisjoint(result.requeue)
+    assert lost not in stripe_sync.sweep(connection, NOW + timedelta(minutes=1)).requeue  # once per 5 minutes
+    assert lost in stripe_sync.sweep(connection, NOW + timedelta(minutes=6)).requeue
+
+
+def test_the_sweep_gives_up_on_rows_that_keep_failing(connection) -> None:
+    failing = stored(
+        connection,
+        NOW - timedelta(hours=1),
+        attempts=stripe_sync.MAX_ATTEMPTS,
+        last_error="OperationalError: boom",
+        last_attempt_at=NOW - timedelta(minutes=6),
+    )
+    lettered = stored(connection, NOW - timedelta(hours=1), attempts=1, last_attempt_at=NOW - timedelta(minutes=6))
+    dead_letters.record(connection, [dead_letters.Letter("stripe", {"id": lettered}, "TypeError: bug", lettered)], NOW)
+
+    result = stripe_sync.sweep(connection, NOW)
+    assert {failing, lettered} <= set(result.dead_lettered)
+    assert not {failing, lettered} & set(result.requeue)
+    (letter,) = letters(connection, failing)
+    assert letter.reason == f"gave up after {stripe_sync.MAX_ATTEMPTS} attempts: OperationalError: boom"
+    assert len(letters(connection, lettered)) == 1  # the task's letter, not a second one
+    assert {inbox(connection, i).outcome for i in (failing, lettered)} == {"dead_lettered"}
+    assert failing not in stripe_sync.sweep(connection, NOW + timedelta(hours=1)).dead_lettered
+
+
+def test_a_failed_try_is_counted(connection) -> None:
+    event_id = stored(connection, NOW)
+    stripe_sync.record_failure(connection, event_id, "OperationalError: server closed the connection", NOW)
+    inbox_row = inbox(connection, event_id)
+    assert (inbox_row.attempts, inbox_row.last_attempt_at, inbox_row.processed_at) == (1, NOW, None)
+    assert inbox_row.last_error.startswith("OperationalError")
