@@ -500,6 +500,8 @@ CREATE TABLE IF NOT EXISTS subscriptions (
 CREATE UNIQUE INDEX IF NOT EXISTS idx_subscriptions_user_id ON subscriptions (user_id);
 CREATE INDEX IF NOT EXISTS idx_subscriptions_status ON subscriptions (status);
 CREATE INDEX IF NOT EXISTS idx_subscriptions_reset_date ON subscriptions (reset_date);
+-- added: maintenance.reset_monthly_usage looks for periods that have ended every minute.
+CREATE INDEX IF NOT EXISTS idx_subscriptions_period_end ON subscriptions (current_period_end);
 CREATE INDEX IF NOT EXISTS idx_subscriptions_stripe_customer ON subscriptions (stripe_customer_id)
     WHERE stripe_customer_id IS NOT NULL;
 CREATE INDEX IF NOT EXISTS idx_active_subscriptions ON subscriptions (user_id) WHERE status = 'active';
@@ -538,6 +540,9 @@ CREATE TABLE IF NOT EXISTS usage_tracking (
     -- added: how much of microphone_ms maintenance.aggregate_usage has already rolled into
     -- learning_progress, so usage arriving after an hour was aggregated is rolled up exactly once.
     aggregated_ms BIGINT NOT NULL DEFAULT 0 CHECK (aggregated_ms >= 0),
+    -- added: the language_breakdown that aggregated_ms stands for, so late usage is rolled up per
+    -- language by its difference only.
+    aggregated_breakdown JSONB NOT NULL DEFAULT '{}'::jsonb,
 
     UNIQUE (user_id, date, hour)
 );
@@ -561,6 +566,9 @@ CREATE TABLE IF NOT EXISTS learning_progress (
 
     -- Study time comes from metered microphone time (maintenance.aggregate_usage), not from conversations.
     total_study_time_minutes INTEGER DEFAULT 0,
+    -- added: the exact milliseconds behind total_study_time_minutes, which grows by whole minutes of this
+    -- total, so no fraction of a minute is ever lost to rounding.
+    total_study_ms BIGINT NOT NULL DEFAULT 0 CHECK (total_study_ms >= 0),
     consecutive_days INTEGER DEFAULT 0,
     last_study_date DATE,
 
@@ -1032,6 +1040,10 @@ BEGIN
     END IF;
 
     PERFORM pg_advisory_xact_lock(hashtext('worldspeak:create_monthly_partition'));
+    -- The lock ATTACH PARTITION takes on the parent anyway, taken now: acquiring a relation lock makes this
+    -- backend read the catalog changes committed while it waited (an advisory lock does not), so a partition
+    -- that a concurrent call has just created is found below instead of failing CREATE TABLE.
+    LOCK TABLE public.messages IN SHARE UPDATE EXCLUSIVE MODE;
 
     v_table := to_regclass(format('public.%I', v_name));
     IF v_table IS NOT NULL THEN

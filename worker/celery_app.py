@@ -21,7 +21,7 @@ from worker.config import settings
 from worker.logs import configure_logging
 
 QUEUES = ("usage", "stripe", "maintenance")
-TASK_MODULES = ["worker.tasks.metering", "worker.tasks.stripe"]
+TASK_MODULES = ["worker.tasks.metering", "worker.tasks.stripe", "worker.tasks.maintenance"]
 
 
 def redis_transport_options(visibility_timeout: int) -> dict[str, int]:
@@ -68,10 +68,15 @@ def create_app() -> Celery:
         enable_utc=True,
         beat_scheduler="redbeat.RedBeatScheduler",
         redbeat_redis_url=config.redis_url,
+        # Redis client options of redbeat itself (else it falls back to broker_transport_options, with a
+        # deprecation warning): keep retrying Redis for a minute, so a Redis restart does not stop beat.
+        redbeat_redis_options={"retry_period": 60},
         redbeat_lock_timeout=300,  # seconds: a second beat waits this long for a dead one's lock
         beat_max_loop_interval=5,  # seconds: redbeat holds its lock while it loops
+        # A run not started within its interval is dropped (the next one is due anyway), so jobs do not
+        # pile up in the queue while the workers are down.
         beat_schedule={
-            f"maintenance.{job}": {"task": f"maintenance.{job}", "schedule": interval}
+            f"maintenance.{job}": {"task": f"maintenance.{job}", "schedule": interval, "options": {"expires": interval}}
             for job, interval in config.schedule.items()
         },
     )

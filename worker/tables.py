@@ -80,6 +80,7 @@ usage_tracking = sa.Table(
     sa.Column("feature_usage", JSONB),
     sa.Column("is_aggregated", sa.Boolean),
     sa.Column("aggregated_ms", sa.BigInteger, nullable=False),
+    sa.Column("aggregated_breakdown", JSONB, nullable=False),
 )
 
 usage_periods = sa.Table(
