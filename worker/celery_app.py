@@ -17,6 +17,7 @@ from __future__ import annotations
 from celery import Celery, signals
 from kombu import Exchange, Queue
 
+from worker import metrics
 from worker.config import settings
 from worker.logs import configure_logging
 
@@ -86,6 +87,16 @@ def create_app() -> Celery:
 @signals.setup_logging.connect
 def _configure_logging(**_kwargs: object) -> None:
     configure_logging(settings().log_level)
+
+
+@signals.worker_init.connect
+def _start_metrics_fleet(**_kwargs: object) -> None:
+    metrics.start_fleet()  # in the main process, before the pool's children exist
+
+
+@signals.worker_process_shutdown.connect
+def _forget_pool_process_metrics(**_kwargs: object) -> None:
+    metrics.process_exited()
 
 
 app = create_app()

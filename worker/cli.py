@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from uuid import UUID
 
-from worker import db
+from worker import db, dead_letters, demo, metrics, quota, rebuild
+from worker.celery_app import app
 from worker.config import ConfigError, settings
 from worker.logs import configure_logging
+from worker.tasks.base import utcnow
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -23,6 +28,7 @@ def cmd_web(_args: argparse.Namespace) -> int:
     import uvicorn
 
     config = settings()
+    metrics.start_fleet()  # before uvicorn starts its worker processes
     uvicorn.run(
         "worker.web:app",
         host=config.web_host,
@@ -34,17 +40,166 @@ def cmd_web(_args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_quota(args: argparse.Namespace) -> int:
+    try:
+        user_id = UUID(args.user_id)
+    except ValueError:
+        print(f"not a UUID: {args.user_id!r}", file=sys.stderr)
+        return 2
+    try:
+        answer = quota.check(user_id)
+    except quota.UnknownUser as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    print(json.dumps(answer.as_dict(), indent=2))
+    return 0
+
+
+def cmd_dead_letters(args: argparse.Namespace) -> int:
+    return _list_letters(args) if args.action == "list" else _replay_letters(args)
+
+
+def _list_letters(args: argparse.Namespace) -> int:
+    with db.engine().connect() as conn:
+        letters = dead_letters.list_letters(conn, include_replayed=args.all, limit=args.limit)
+    if not letters:
+        print("no dead letters" if args.all else "no dead letters waiting")
+        return 0
+    print(f"{'id':>6}  {'created_at':<20} {'source':<8} {'replays':>7}  {'replayed_at':<20} {'ref':<40} reason")
+    for letter in letters:
+        replayed = f"{letter['replayed_at']:%Y-%m-%dT%H:%M:%SZ}" if letter["replayed_at"] else "-"
+        print(
+            f"{letter['id']:>6}  {letter['created_at']:%Y-%m-%dT%H:%M:%SZ} {letter['source']:<8}"
+            f" {letter['replay_count']:>7}  {replayed:<20} {letter['ref'] or '-':<40} {letter['reason']}"
+        )
+    return 0
+
+
+def _replay_letters(args: argparse.Namespace) -> int:
+    app.loader.import_default_modules()  # the task modules register how each source is replayed
+    if args.all:
+        with db.engine().connect() as conn:
+            letter_ids = dead_letters.pending_ids(conn)
+    else:
+        letter_ids = [args.letter_id]
+    failed = 0
+    for letter_id in letter_ids:
+        try:
+            with db.transaction() as conn:  # one letter per transaction: one that fails again keeps the others
+                result = dead_letters.replay(conn, letter_id, utcnow())
+        except LookupError as exc:
+            print(f"dead letter {letter_id}: {exc}")
+            failed += 1
+            continue
+        result.after_commit()
+        if result.reason is None:
+            print(f"dead letter {letter_id}: applied")
+        else:
+            print(f"dead letter {letter_id}: failed again and stays: {result.reason}")
+            failed += 1
+    print(f"{len(letter_ids) - failed} of {len(letter_ids)} dead letters applied")
+    return 1 if failed else 0
+
+
+def _moment(text: str) -> datetime:
+    """An argument's time: RFC 3339 with an offset, or a date (midnight UTC)."""
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a time: {text!r} (e.g. 2027-03-01T00:00:00Z or 2027-03-01)") from None
+    if moment.tzinfo is not None:
+        return moment
+    if len(text) == len("2027-03-01"):
+        return moment.replace(tzinfo=UTC)
+    raise argparse.ArgumentTypeError(f"{text!r} has no UTC offset (add Z or +HH:MM)")
+
+
+def cmd_rebuild_usage(args: argparse.Namespace) -> int:
+    if not args.start < args.end:
+        print("--from must be before --to", file=sys.stderr)
+        return 2
+    with db.engine().connect() as conn, conn.begin() as transaction:
+        report = rebuild.rebuild(conn, args.start, args.end, utcnow())
+        if args.dry_run:
+            transaction.rollback()
+    if not args.dry_run:
+        quota.invalidate(report.users_changed)  # answers cached before the rebuild may be wrong
+    print(
+        f"rebuild-usage {report.start.isoformat()} to {report.end.isoformat()} (whole UTC hours):"
+        f" {report.events} ledger events, {report.hours_checked} hours and {report.periods_checked} periods checked"
+    )
+    for change in report.changes:
+        print(f"  {change.table} {change.what}: {change.key}: {change.detail}")
+    outcome = "nothing written (dry run)" if args.dry_run else "written"
+    print(f"{len(report.changes)} changes, {outcome}" if report.changes else "nothing to change")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    token = args.token or next(iter(settings().ingest_api_tokens), None)
+    try:
+        demo.run(args.url, token, args.events, args.timeout)
+    except demo.DemoError as exc:
+        print(f"demo: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _add_dead_letters(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("dead-letters", help="list or replay inputs that could not be applied")
+    actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+    listing = actions.add_parser("list", help="dead letters waiting (oldest first)")
+    listing.add_argument("--all", action="store_true", help="include the ones already replayed")
+    listing.add_argument("--limit", type=int, default=100, help="at most this many (default 100)")
+    replay = actions.add_parser("replay", help="apply letters again; one that fails again stays, with the new reason")
+    which = replay.add_mutually_exclusive_group(required=True)
+    which.add_argument("letter_id", type=int, nargs="?", metavar="ID", help="the letter to replay")
+    which.add_argument("--all", action="store_true", help="every letter waiting")
+
+
+def _add_rebuild_usage(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "rebuild-usage", help="recompute usage_tracking and period totals from the ledger for a time range"
+    )
+    parser.add_argument("--from", dest="start", type=_moment, required=True, help="RFC 3339 time or date (UTC)")
+    parser.add_argument("--to", dest="end", type=_moment, required=True, help="RFC 3339 time or date (UTC), excluded")
+    parser.add_argument("--dry-run", action="store_true", help="report what would change, write nothing")
+
+
+def _event_count(text: str) -> int:
+    if not text.isdigit() or not 30 <= int(text) <= 100_000:
+        raise argparse.ArgumentTypeError(f"--events must be a whole number from 30 to 100000, got {text!r}")
+    return int(text)
+
+
+def _add_demo(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("demo", help="demo learners on each plan, a live usage stream, then a summary")
+    parser.add_argument("--url", default=demo.DEFAULT_URL, help=f"the web (default {demo.DEFAULT_URL})")
+    parser.add_argument("--token", help="bearer token (default: the first of INGEST_API_TOKENS)")
+    parser.add_argument("--events", type=_event_count, default=demo.DEFAULT_EVENTS, metavar="N",
+                        help=f"microphone events to stream, 30 to 100000 (default {demo.DEFAULT_EVENTS})")  # fmt: skip
+    parser.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the worker (default 60)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="worldspeak-worker", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     commands.add_parser("migrate", help="apply schema.sql (creates the database if missing; safe to repeat)")
     commands.add_parser("web", help="serve HTTP (WEB_HOST, PORT, WEB_CONCURRENCY)")
+    commands.add_parser("quota", help="a user's quota, as GET /v1/quota answers it").add_argument("user_id")
+    _add_dead_letters(commands)
+    _add_rebuild_usage(commands)
+    _add_demo(commands)
     return parser
 
 
 COMMANDS: dict[str, Command] = {
     "migrate": cmd_migrate,
     "web": cmd_web,
+    "quota": cmd_quota,
+    "dead-letters": cmd_dead_letters,
+    "rebuild-usage": cmd_rebuild_usage,
+    "demo": cmd_demo,
 }
 
 

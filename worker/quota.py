@@ -18,7 +18,7 @@ import redis
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from worker import db
+from worker import db, metrics
 from worker.cache import redis_client
 from worker.config import settings
 from worker.logs import get_logger
@@ -148,6 +148,12 @@ def invalidate(user_ids: Iterable[str]) -> None:
 
 def cached(user_id: str, now: datetime) -> Quota | None:
     """The cached answer when it still describes the period containing `now`."""
+    quota = _cached(user_id, now)
+    metrics.quota_cache_lookup(hit=quota is not None)
+    return quota
+
+
+def _cached(user_id: str, now: datetime) -> Quota | None:
     try:
         raw = redis_client().get(KEY_PREFIX + user_id)
     except redis.RedisError as exc:

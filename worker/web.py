@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import hmac
+from uuid import UUID
 
+import kombu.exceptions
+import redis
 import sqlalchemy as sa
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse
+from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from worker import db
+from worker import db, ingest, metrics, quota
 from worker.cache import redis_client
 from worker.config import settings
 from worker.logs import configure_logging, get_logger
+from worker.tasks.base import utcnow
 
 log = get_logger(__name__)
 
@@ -40,15 +45,121 @@ async def readyz(_request: Request) -> JSONResponse:
         *(asyncio.wait_for(asyncio.to_thread(check), READINESS_TIMEOUT) for check in checks.values()),
         return_exceptions=True,
     )
-    down = {
-        name: f"{type(result).__name__}: {result}"
-        for name, result in zip(checks, results, strict=True)
-        if result is not None
-    }
+    down = {name: _why_down(result) for name, result in zip(checks, results, strict=True) if result is not None}
     if down:
         log.warning("not_ready", down=down)
         return JSONResponse({"status": "unavailable", "down": down}, status_code=503)
     return JSONResponse({"status": "ready"})
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _why_down(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError):
+        return f"no answer within {READINESS_TIMEOUT} s"
+    return f"{type(exc).__name__}: {_first_line(exc)}"
+
+
+# -- ingest and quota API ----------------------------------------------------------------------------------
+
+
+def _error(status: int, reason: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": reason}, status_code=status, headers=headers)
+
+
+def _token_matches(presented: str, tokens: tuple[str, ...]) -> bool:
+    """Constant time: every token is compared, so timing tells neither which token matched nor how early."""
+    matched = False
+    for token in tokens:
+        matched |= hmac.compare_digest(presented.encode(), token.encode())
+    return matched
+
+
+def _authorize(request: Request) -> JSONResponse | None:
+    """None when the request carries a configured bearer token, else the answer to send."""
+    tokens = settings().ingest_api_tokens
+    if not tokens:
+        return _error(503, "INGEST_API_TOKENS is empty: the usage and quota routes are closed until it names a token")
+    scheme, _, presented = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not presented.strip():
+        return _error(401, "missing bearer token (Authorization: Bearer <token>)", {"WWW-Authenticate": "Bearer"})
+    if not _token_matches(presented.strip(), tokens):
+        log.warning("unauthorized", path=request.url.path, client=request.client.host if request.client else None)
+        return _error(401, "invalid bearer token", {"WWW-Authenticate": 'Bearer error="invalid_token"'})
+    return None
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise BodyTooLarge
+    body = bytearray()
+    async for chunk in request.stream():  # a missing or false Content-Length is caught here
+        body += chunk
+        if len(body) > limit:
+            raise BodyTooLarge
+    return bytes(body)
+
+
+def _unavailable(exc: Exception, route: str) -> JSONResponse:
+    """503 when Redis or PostgreSQL is down (the caller retries the whole request safely); other errors raise."""
+    if isinstance(exc, (kombu.exceptions.OperationalError, redis.RedisError)):
+        down = "Redis"
+    elif db.is_transient(exc):
+        down = "PostgreSQL"
+    else:
+        raise exc
+    log.warning("dependency_unavailable", route=route, down=down, error=_first_line(exc))
+    return _error(503, f"{down} is unavailable; retry later", {"Retry-After": "5"})
+
+
+async def ingest_usage(request: Request) -> JSONResponse:
+    denied = _authorize(request)
+    if denied is not None:
+        return denied
+    try:
+        body = await _read_body(request, ingest.MAX_BODY_BYTES)
+    except BodyTooLarge:
+        return _error(413, f"body is larger than {ingest.MAX_BODY_BYTES} bytes; send at most 1000 events per request")
+    try:
+        raw_events = ingest.events_of(body)
+    except ingest.BadRequest as exc:
+        return _error(400, exc.reason)
+    try:
+        screening = await asyncio.to_thread(ingest.ingest, raw_events, utcnow())
+    except Exception as exc:
+        return _unavailable(exc, ingest.ROUTE)
+    return JSONResponse(screening.as_dict(), status_code=202)
+
+
+async def get_quota(request: Request) -> JSONResponse:
+    denied = _authorize(request)
+    if denied is not None:
+        return denied
+    raw_user_id = request.path_params["user_id"]
+    try:
+        user_id = UUID(raw_user_id)
+    except ValueError:
+        return _error(400, f"user_id is not a UUID: {raw_user_id[:64]!r}")
+    try:
+        answer = await asyncio.to_thread(quota.check, user_id)
+    except quota.UnknownUser as exc:
+        return _error(404, str(exc))
+    except Exception as exc:
+        return _unavailable(exc, "GET /v1/quota")
+    return JSONResponse(answer.as_dict())
+
+
+async def metrics_text(_request: Request) -> Response:
+    body, content_type = await asyncio.to_thread(metrics.exposition)
+    return Response(body, media_type=content_type)
 
 
 def create_app() -> Starlette:
@@ -56,6 +167,9 @@ def create_app() -> Starlette:
     routes = [
         Route("/healthz", healthz),
         Route("/readyz", readyz),
+        Route("/metrics", metrics_text),
+        Route("/v1/usage-events", ingest_usage, methods=["POST"]),
+        Route("/v1/quota/{user_id}", get_quota),
     ]
     return Starlette(routes=routes)
 

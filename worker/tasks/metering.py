@@ -12,9 +12,10 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from celery import current_task
 from celery_batches import Batches, SimpleRequest
 
-from worker import db, metering, quota
+from worker import db, metering, metrics, quota
 from worker.celery_app import app
 from worker.config import settings
 from worker.dead_letters import Letter, Rejected
@@ -28,15 +29,20 @@ FLUSH_ATTEMPTS = 5  # in-place tries of a coalesced flush before its events are 
 
 def record(events: list[Any], task_name: str) -> metering.Outcome:
     """Apply events in one transaction, then make the quota of every touched user current."""
+    started = time.perf_counter()
     with db.transaction() as conn:
         outcome = metering.apply_events(conn, events, utcnow(), task_name=task_name)
+    metrics.usage_batch_committed(outcome, len(events), time.perf_counter() - started)
     quota.publish(outcome.quotas.values())
     log.info(
         "usage_recorded",
         task=task_name,
+        task_id=current_task.request.id if current_task else None,
         accepted=len(outcome.accepted),
         duplicates=len(outcome.duplicates),
         rejected=len(outcome.rejected),
+        event_ids=outcome.accepted,
+        duplicate_event_ids=outcome.duplicates,
     )
     return outcome
 

@@ -1,0 +1,432 @@
+"""Rebuilding usage from the ledger: `python -m worker rebuild-usage --from ... --to ...`.
+
+The ledger `usage_events` is the source of truth; `usage_tracking`, `usage_hour_conversations`, the
+period totals in `usage_periods` and the subscription's whole-minute view derive from it. When derived
+rows are wrong (a bug, a manual edit, one table restored from a backup) the operator recomputes them
+for a time range and is told what changed:
+
+- The range is widened to whole UTC hours. Each usage_tracking row of those hours is recomputed from
+  every ledger event overlapping its hour, including events that started before the range or end after
+  it; missing rows are created and rows the ledger does not support are removed. The conversations of
+  those hours (`usage_hour_conversations`) are rebuilt with them, so that later batches keep counting
+  distinct conversations right. The splitting is metering's own (`hourly_totals`, `overlap_ms`).
+- Every usage period overlapping the range gets its total recomputed from all of its events (a period
+  is longer than the range), and so do the subscription's `monthly_minutes_used` and `limit_reached_at`.
+  Missing periods of the users metered in the range are created first. Alerts are left as they are:
+  they record when a threshold was crossed.
+- Metering waits while a rebuild runs: the ledger is locked against inserts (SHARE) first, in metering's
+  lock order, so no batch can commit between the rebuild's read of the ledger and its writes.
+
+Events are found by start time back to USAGE_MAX_EVENT_SECONDS before the range (no ledger event is
+longer, unless that setting was lowered since: then widen --from by the old maximum).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from worker import periods
+from worker.config import settings
+from worker.metering import (
+    HOUR_MS,
+    HourTotals,
+    UsageEvent,
+    _seconds_json,
+    hourly_totals,
+    overlap_ms,
+    to_datetime,
+    to_ms,
+)
+
+STREAM_ROWS = 10_000  # ledger rows fetched per round trip while summing period totals
+ACTOR = "rebuild-usage"  # audit_logs.actor of the subscription changes a rebuild makes
+
+
+@dataclass(frozen=True)
+class Change:
+    table: str
+    what: str  # created, corrected or removed
+    key: str
+    detail: str
+
+
+@dataclass
+class Report:
+    start: datetime  # whole UTC hours
+    end: datetime
+    events: int = 0  # ledger events overlapping the range
+    hours_checked: int = 0
+    periods_checked: int = 0
+    changes: list[Change] = field(default_factory=list)
+    users_changed: set[str] = field(default_factory=set)  # their cached quota is out of date
+
+
+def hour_range(start: datetime, end: datetime) -> tuple[datetime, datetime]:
+    """[start, end) widened to whole UTC hours."""
+    first, last = to_ms(start), to_ms(end)
+    return to_datetime(first - first % HOUR_MS), to_datetime(-(-last // HOUR_MS) * HOUR_MS)
+
+
+def rebuild(conn: Connection, start: datetime, end: datetime, now: datetime) -> Report:
+    """Recompute what derives from the ledger for [start, end) in the caller's transaction."""
+    if not start < end:
+        raise ValueError(f"--from ({start.isoformat()}) must be before --to ({end.isoformat()})")
+    report = Report(*hour_range(start, end))
+    conn.execute(sa.text("LOCK TABLE usage_events IN SHARE MODE"))
+    conn.execute(sa.text("SELECT set_config('app.actor', :actor, true)"), {"actor": ACTOR})
+    events = _events_overlapping(conn, report.start, report.end)
+    report.events = len(events)
+    spans = periods.spans_of((e.user_id, e.started_at, to_datetime(e.ended_ms)) for e in events)
+    periods.ensure_periods(conn, spans, now)
+    _rebuild_hours(conn, report, events, now)
+    _rebuild_periods(conn, report, now)
+    return report
+
+
+# -- the ledger ----------------------------------------------------------------------------------------------
+
+_EVENT_COLUMNS = """e.event_id, e.user_id::text AS user_id, e.started_at, e.duration_ms, e.language,
+                    e.conversation_id::text AS conversation_id, e.feature"""
+
+_EVENTS_OVERLAPPING = sa.text(
+    f"""
+    SELECT {_EVENT_COLUMNS} FROM usage_events e
+    WHERE e.started_at < :end AND e.started_at > :earliest
+      AND e.started_at + e.duration_ms * interval '1 millisecond' > :start
+    """
+)
+
+_EVENTS_OF_USERS = sa.text(
+    f"""
+    SELECT {_EVENT_COLUMNS}
+    FROM unnest(CAST(:user_ids AS uuid[]), CAST(:firsts AS timestamptz[]), CAST(:lasts AS timestamptz[]))
+         AS w(user_id, first_at, last_at)
+    JOIN usage_events e ON e.user_id = w.user_id AND e.started_at < w.last_at AND e.started_at > w.first_at - :longest
+    """
+)
+
+
+def _longest_event() -> timedelta:
+    return timedelta(seconds=settings().usage_max_event_seconds)
+
+
+def _event(row: Any) -> UsageEvent:
+    return UsageEvent(
+        row.event_id,
+        row.user_id,
+        to_ms(row.started_at),
+        row.duration_ms,
+        row.language,
+        row.conversation_id,
+        row.feature,
+    )
+
+
+def _events_overlapping(conn: Connection, start: datetime, end: datetime) -> list[UsageEvent]:
+    params = {"start": start, "end": end, "earliest": start - _longest_event()}
+    return [_event(row) for row in conn.execute(_EVENTS_OVERLAPPING, params)]
+
+
+# -- usage_tracking and usage_hour_conversations ---------------------------------------------------------
+
+_TRACKING_IN_RANGE = sa.text(
+    """
+    SELECT t.user_id::text AS user_id, (t.date + make_interval(hours => t.hour)) AT TIME ZONE 'UTC' AS hour_start,
+           t.microphone_ms, t.message_count, t.conversation_count, t.language_breakdown, t.feature_usage
+    FROM usage_tracking t
+    WHERE t.date BETWEEN (CAST(:start AS timestamptz) AT TIME ZONE 'UTC')::date
+                     AND (CAST(:end AS timestamptz) AT TIME ZONE 'UTC')::date
+      AND (t.date + make_interval(hours => t.hour)) AT TIME ZONE 'UTC' >= :start
+      AND (t.date + make_interval(hours => t.hour)) AT TIME ZONE 'UTC' < :end
+    ORDER BY t.user_id, t.date, t.hour
+    FOR UPDATE
+    """
+)
+
+# Sets (not adds) the recomputed values; the aggregation's bookkeeping (aggregated_ms) stays, and
+# is_aggregated turns false as with every metered change, so the aggregation looks at the row again.
+_SET_TRACKING = sa.text(
+    """
+    INSERT INTO usage_tracking AS t (user_id, tracked_at, date, hour, microphone_ms, microphone_seconds,
+                                     message_count, conversation_count, language_breakdown, feature_usage,
+                                     is_aggregated)
+    SELECT r.user_id, :now, (r.hour_start AT TIME ZONE 'UTC')::date,
+           EXTRACT(HOUR FROM r.hour_start AT TIME ZONE 'UTC')::int,
+           r.ms, r.ms / 1000, r.messages, r.conversations, r.languages, r.features, false
+    FROM unnest(CAST(:user_ids AS uuid[]), CAST(:hours AS timestamptz[]), CAST(:ms AS bigint[]),
+                CAST(:messages AS int[]), CAST(:conversations AS int[]), CAST(:languages AS jsonb[]),
+                CAST(:features AS jsonb[]))
+         AS r(user_id, hour_start, ms, messages, conversations, languages, features)
+    ORDER BY r.user_id, r.hour_start
+    ON CONFLICT (user_id, date, hour) DO UPDATE SET
+        tracked_at = EXCLUDED.tracked_at,
+        microphone_ms = EXCLUDED.microphone_ms,
+        microphone_seconds = EXCLUDED.microphone_seconds,
+        message_count = EXCLUDED.message_count,
+        conversation_count = EXCLUDED.conversation_count,
+        language_breakdown = EXCLUDED.language_breakdown,
+        feature_usage = EXCLUDED.feature_usage,
+        is_aggregated = false
+    """
+)
+
+_REMOVE_TRACKING = sa.text(
+    """
+    DELETE FROM usage_tracking t
+    USING unnest(CAST(:user_ids AS uuid[]), CAST(:hours AS timestamptz[])) AS d(user_id, hour_start)
+    WHERE t.user_id = d.user_id AND t.date = (d.hour_start AT TIME ZONE 'UTC')::date
+      AND t.hour = EXTRACT(HOUR FROM d.hour_start AT TIME ZONE 'UTC')::int
+    """
+)
+
+_CONVERSATIONS_IN_RANGE = sa.text(
+    """
+    SELECT user_id::text, hour_start, conversation_id::text FROM usage_hour_conversations
+    WHERE hour_start >= :start AND hour_start < :end
+    """
+)
+
+_ADD_CONVERSATIONS = sa.text(
+    """
+    INSERT INTO usage_hour_conversations (user_id, hour_start, conversation_id)
+    SELECT * FROM unnest(CAST(:user_ids AS uuid[]), CAST(:hours AS timestamptz[]), CAST(:conversations AS uuid[]))
+    ORDER BY 1, 2, 3
+    """
+)
+
+_REMOVE_CONVERSATIONS = sa.text(
+    """
+    DELETE FROM usage_hour_conversations c
+    USING unnest(CAST(:user_ids AS uuid[]), CAST(:hours AS timestamptz[]), CAST(:conversations AS uuid[]))
+          AS d(user_id, hour_start, conversation_id)
+    WHERE (c.user_id, c.hour_start, c.conversation_id) = (d.user_id, d.hour_start, d.conversation_id)
+    """
+)
+
+
+@dataclass(frozen=True)
+class HourRow:
+    """The fields of a usage_tracking row that derive from the ledger, in comparable form."""
+
+    microphone_ms: int
+    message_count: int
+    conversation_count: int
+    language_ms: dict[str, int] | None  # None: the stored value is not a JSON object of numbers
+    feature_counts: dict[str, int] | None
+
+    @classmethod
+    def computed(cls, totals: HourTotals) -> HourRow:
+        return cls(
+            totals.microphone_ms,
+            totals.message_count,
+            len(totals.conversations),
+            dict(totals.language_ms),
+            dict(totals.feature_counts),
+        )
+
+    @classmethod
+    def stored(cls, row: Any) -> HourRow:
+        return cls(
+            row.microphone_ms,
+            row.message_count or 0,
+            row.conversation_count or 0,
+            _integers(row.language_breakdown, scale=1000),  # seconds with up to 3 decimals -> ms
+            _integers(row.feature_usage, scale=1),
+        )
+
+    def differences(self, other: HourRow) -> str:
+        return ", ".join(
+            f"{name} {getattr(self, name)} -> {getattr(other, name)}"
+            for name in self.__dataclass_fields__
+            if getattr(self, name) != getattr(other, name)
+        )
+
+
+EMPTY_HOUR = HourRow(0, 0, 0, {}, {})
+
+
+def _integers(value: Any, scale: int) -> dict[str, int] | None:
+    """A stored JSON object of numbers, scaled to integers; None when it is anything else (NULL included)."""
+    if not isinstance(value, dict):
+        return None
+    try:
+        scaled = {key: Decimal(str(number)) * scale for key, number in value.items()}
+    except InvalidOperation:
+        return None
+    if any(number != number.to_integral_value() for number in scaled.values()):
+        return None
+    return {key: int(number) for key, number in scaled.items()}
+
+
+def _hour_key(user_id: str, hour_ms: int) -> str:
+    return f"user {user_id} hour {to_datetime(hour_ms):%Y-%m-%d %H:00}Z"
+
+
+def _columns(keys: list[tuple]) -> list[list]:
+    """Sorted row keys as one list per column, for unnest."""
+    return [list(column) for column in zip(*keys, strict=True)]
+
+
+def _rebuild_conversations(conn: Connection, report: Report, computed: dict[tuple[str, int], HourTotals]) -> None:
+    rows = conn.execute(_CONVERSATIONS_IN_RANGE, {"start": report.start, "end": report.end})
+    stored = {(user, to_ms(hour), conversation) for user, hour, conversation in rows}
+    wanted = {(user, hour, conversation) for (user, hour), t in computed.items() for conversation in t.conversations}
+    for statement, keys, what in (
+        (_REMOVE_CONVERSATIONS, sorted(stored - wanted), "removed"),
+        (_ADD_CONVERSATIONS, sorted(wanted - stored), "created"),
+    ):
+        if keys:
+            users, hours, conversations = _columns(keys)
+            params = {"user_ids": users, "hours": [to_datetime(h) for h in hours], "conversations": conversations}
+            conn.execute(statement, params)
+        for user, hour, conversation in keys:
+            report.changes.append(Change("usage_hour_conversations", what, _hour_key(user, hour), conversation))
+
+
+def _rebuild_hours(conn: Connection, report: Report, events: list[UsageEvent], now: datetime) -> None:
+    start_ms, end_ms = to_ms(report.start), to_ms(report.end)
+    computed = {key: totals for key, totals in hourly_totals(events).items() if start_ms <= key[1] < end_ms}
+    _rebuild_conversations(conn, report, computed)
+    rows = conn.execute(_TRACKING_IN_RANGE, {"start": report.start, "end": report.end})
+    stored = {(row.user_id, to_ms(row.hour_start)): HourRow.stored(row) for row in rows}
+    report.hours_checked = len(stored.keys() | computed.keys())
+    to_set = []
+    for key in sorted(computed):
+        wanted, before = HourRow.computed(computed[key]), stored.get(key)
+        if before == wanted:
+            continue
+        to_set.append(key)
+        if before is None:
+            report.changes.append(Change("usage_tracking", "created", _hour_key(*key), EMPTY_HOUR.differences(wanted)))
+        else:
+            report.changes.append(Change("usage_tracking", "corrected", _hour_key(*key), before.differences(wanted)))
+    to_remove = sorted(stored.keys() - computed.keys())
+    for key in to_remove:
+        report.changes.append(Change("usage_tracking", "removed", _hour_key(*key), "no ledger event in this hour"))
+    if to_set:
+        totals = [computed[key] for key in to_set]
+        conn.execute(
+            _SET_TRACKING,
+            {
+                "now": now,
+                "user_ids": [user for user, _ in to_set],
+                "hours": [to_datetime(hour) for _, hour in to_set],
+                "ms": [t.microphone_ms for t in totals],
+                "messages": [t.message_count for t in totals],
+                "conversations": [len(t.conversations) for t in totals],
+                "languages": [_seconds_json(t.language_ms) for t in totals],
+                "features": [json.dumps(dict(sorted(t.feature_counts.items()))) for t in totals],
+            },
+        )
+    if to_remove:
+        users, hours = _columns(to_remove)
+        conn.execute(_REMOVE_TRACKING, {"user_ids": users, "hours": [to_datetime(h) for h in hours]})
+    report.users_changed.update(user for user, _ in [*to_set, *to_remove])
+
+
+# -- period totals ---------------------------------------------------------------------------------------
+
+_PERIODS_IN_RANGE = sa.text(
+    """
+    SELECT id, user_id::text AS user_id, period_start, period_end, used_ms, limit_ms FROM usage_periods
+    WHERE period_start < :end AND period_end > :start
+    ORDER BY id
+    FOR UPDATE
+    """
+)
+
+_SET_PERIOD_TOTALS = sa.text(
+    """
+    UPDATE usage_periods u SET used_ms = d.used_ms
+    FROM unnest(CAST(:ids AS bigint[]), CAST(:used AS bigint[])) AS d(id, used_ms)
+    WHERE u.id = d.id
+    """
+)
+
+_SUBSCRIPTIONS = sa.text(
+    """
+    SELECT user_id::text AS user_id, current_period_start, monthly_minutes_used, limit_reached_at
+    FROM subscriptions WHERE user_id = ANY(CAST(:user_ids AS uuid[]))
+    ORDER BY user_id
+    FOR UPDATE
+    """
+)
+
+_SET_SUBSCRIPTIONS = sa.text(
+    """
+    UPDATE subscriptions s
+    SET monthly_minutes_used = d.minutes,
+        limit_reached_at = CASE WHEN d.reached THEN COALESCE(s.limit_reached_at, :now) END
+    FROM unnest(CAST(:user_ids AS uuid[]), CAST(:minutes AS int[]), CAST(:reached AS boolean[]))
+         AS d(user_id, minutes, reached)
+    WHERE s.user_id = d.user_id
+    """
+)
+
+
+def _period_key(row: Any) -> str:
+    return f"user {row.user_id} period {row.period_start.isoformat()} to {row.period_end.isoformat()}"
+
+
+def _period_totals(conn: Connection, rows: list[Any]) -> dict[int, int]:
+    """Each period's exact usage in ms, from all ledger events of its user that overlap it."""
+    by_user: dict[str, list[Any]] = defaultdict(list)
+    for row in rows:
+        by_user[row.user_id].append(row)
+    users = sorted(by_user)
+    params = {
+        "user_ids": users,
+        "firsts": [min(row.period_start for row in by_user[user]) for user in users],
+        "lasts": [max(row.period_end for row in by_user[user]) for user in users],
+        "longest": _longest_event(),
+    }
+    used = dict.fromkeys((row.id for row in rows), 0)
+    for ledger_row in conn.execute(_EVENTS_OF_USERS, params, execution_options={"yield_per": STREAM_ROWS}):
+        event = _event(ledger_row)
+        for row in by_user[event.user_id]:
+            used[row.id] += overlap_ms(event, to_ms(row.period_start), to_ms(row.period_end))
+    return used
+
+
+def _rebuild_periods(conn: Connection, report: Report, now: datetime) -> None:
+    rows = conn.execute(_PERIODS_IN_RANGE, {"start": report.start, "end": report.end}).all()
+    report.periods_checked = len(rows)
+    if not rows:
+        return
+    used = _period_totals(conn, rows)
+    changed = [row for row in rows if row.used_ms != used[row.id]]
+    for row in changed:
+        detail = f"used_ms {row.used_ms} -> {used[row.id]}"
+        report.changes.append(Change("usage_periods", "corrected", _period_key(row), detail))
+    if changed:
+        conn.execute(
+            _SET_PERIOD_TOTALS, {"ids": [row.id for row in changed], "used": [used[row.id] for row in changed]}
+        )
+    report.users_changed.update(row.user_id for row in changed)
+    current = {(row.user_id, row.period_start): row for row in rows}
+    to_set = []
+    for sub in conn.execute(_SUBSCRIPTIONS, {"user_ids": sorted({row.user_id for row in rows})}):
+        period = current.get((sub.user_id, sub.current_period_start))
+        if period is None:
+            continue
+        minutes, reached = used[period.id] // 60_000, used[period.id] >= period.limit_ms
+        if (sub.monthly_minutes_used, sub.limit_reached_at is not None) == (minutes, reached):
+            continue
+        to_set.append((sub.user_id, minutes, reached))
+        detail = (
+            f"monthly_minutes_used {sub.monthly_minutes_used} -> {minutes}, "
+            f"limit reached {sub.limit_reached_at is not None} -> {reached}"
+        )
+        report.changes.append(Change("subscriptions", "corrected", f"user {sub.user_id}", detail))
+    if to_set:
+        users, minutes, reached = _columns(to_set)
+        conn.execute(_SET_SUBSCRIPTIONS, {"user_ids": users, "minutes": minutes, "reached": reached, "now": now})
+        report.users_changed.update(users)
