@@ -14,7 +14,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from worker import db, ingest, metrics, quota
+from worker import db, ingest, metrics, quota, stripe_sync
 from worker.cache import redis_client
 from worker.config import settings
 from worker.logs import configure_logging, get_logger
@@ -162,6 +162,40 @@ async def metrics_text(_request: Request) -> Response:
     return Response(body, media_type=content_type)
 
 
+# -- Stripe webhooks ----------------------------------------------------------------------------------------
+
+
+def _store_stripe_event(event: dict) -> bool:
+    with db.transaction() as conn:
+        return stripe_sync.store(conn, event, utcnow())
+
+
+async def stripe_webhook(request: Request) -> JSONResponse:
+    """Verify, store in the inbox (committed before the 200), then queue stripe.process_event."""
+    secrets = settings().stripe_webhook_secrets
+    if not secrets:
+        return _error(503, "STRIPE_WEBHOOK_SECRETS is empty: no Stripe event can be verified")
+    try:
+        body = await _read_body(request, stripe_sync.MAX_BODY_BYTES)
+    except BodyTooLarge:
+        return _error(413, f"body is larger than {stripe_sync.MAX_BODY_BYTES} bytes")
+    try:
+        event = stripe_sync.verify(body, request.headers.get("stripe-signature"), secrets)
+    except stripe_sync.InvalidWebhook as exc:
+        log.warning("stripe_webhook_rejected", reason=exc.reason)
+        return _error(400, exc.reason)
+    try:
+        stored = await asyncio.to_thread(_store_stripe_event, event)
+    except Exception as exc:
+        return _unavailable(exc, "POST /webhooks/stripe")
+    if stored:
+        try:
+            await asyncio.to_thread(stripe_sync.enqueue, [event["id"]])
+        except (kombu.exceptions.OperationalError, redis.RedisError) as exc:  # stored: maintenance.sweep queues it
+            log.warning("stripe_event_not_queued", event_id=event["id"], error=_first_line(exc))
+    return JSONResponse({"received": True, "duplicate": not stored})
+
+
 def create_app() -> Starlette:
     configure_logging(settings().log_level)
     routes = [
@@ -170,6 +204,7 @@ def create_app() -> Starlette:
         Route("/metrics", metrics_text),
         Route("/v1/usage-events", ingest_usage, methods=["POST"]),
         Route("/v1/quota/{user_id}", get_quota),
+        Route("/webhooks/stripe", stripe_webhook, methods=["POST"]),
     ]
     return Starlette(routes=routes)
 
