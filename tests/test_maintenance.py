@@ -18,7 +18,7 @@ from freezegun import freeze_time
 from psycopg.types.json import Jsonb
 from test_periods import archived_counts, december_learners, use, utc
 
-from worker import db, maintenance, metering, quota, stripe_sync
+from worker import cli, db, maintenance, metering, quota, stripe_sync
 from worker.celery_app import app, create_app
 from worker.config import SCHEDULE_DEFAULTS
 from worker.tasks import maintenance as tasks
@@ -117,6 +117,26 @@ def test_two_reset_tasks_at_once_give_one_archive_row_per_period(committed: None
 def test_the_reset_task_rejects_a_malformed_time(now: object) -> None:
     with pytest.raises(ValueError, match="ISO-8601 time with a UTC offset"):
         tasks.reset_monthly_usage(now=now)
+
+
+def test_reset_due_resets_for_the_given_time_and_repeats_harmlessly(
+    committed: None, capsys: pytest.CaptureFixture
+) -> None:
+    december_learners(2)
+
+    assert cli.main(["reset-due", "--now", "2027-01-01T00:00:30Z"]) == 0
+    assert cli.main(["reset-due", "--now", "2027-01-01T00:00:31Z"]) == 0
+
+    first, second = capsys.readouterr().out.splitlines()
+    assert "2 subscriptions moved to their next period, 2 periods archived" in first
+    assert "0 subscriptions moved to their next period, 0 periods archived" in second
+
+
+def test_reset_due_refuses_a_time_without_offset(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["reset-due", "--now", "2027-01-01T00:00:30"])
+    assert exit_info.value.code == 2
+    assert "no UTC offset" in capsys.readouterr().err
 
 
 # -- maintenance.ensure_partitions ----------------------------------------------------------------------------

@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from uuid import UUID
 
-from worker import db, dead_letters, demo, metrics, quota, rebuild
+from worker import db, dead_letters, demo, maintenance, metrics, quota, rebuild
 from worker.celery_app import app
 from worker.config import ConfigError, settings
 from worker.logs import configure_logging
@@ -135,6 +135,18 @@ def cmd_rebuild_usage(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_reset_due(args: argparse.Namespace) -> int:
+    now = args.now or utcnow()
+    moved = maintenance.run_reset_monthly_usage(now, wait=True).result.moved  # waits for a run in progress
+    print(
+        f"reset-due at {now.isoformat()}: {len(moved.users)} subscriptions moved to their next period,"
+        f" {moved.periods_archived} periods archived"
+    )
+    if moved.busy:
+        print(f"{len(moved.busy)} due subscriptions were held by another transaction; run it again to move them")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     token = args.token or next(iter(settings().ingest_api_tokens), None)
     try:
@@ -190,6 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_dead_letters(commands)
     _add_rebuild_usage(commands)
     _add_demo(commands)
+    commands.add_parser(
+        "reset-due", help="archive every period that has ended and start the next (maintenance.reset_monthly_usage)"
+    ).add_argument("--now", type=_moment, help="RFC 3339 time or date (UTC) to reset for (default: now)")
     return parser
 
 
@@ -200,6 +215,7 @@ COMMANDS: dict[str, Command] = {
     "dead-letters": cmd_dead_letters,
     "rebuild-usage": cmd_rebuild_usage,
     "demo": cmd_demo,
+    "reset-due": cmd_reset_due,
 }
 
 
