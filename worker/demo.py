@@ -139,12 +139,12 @@ def make_events(learners: list[Learner], count: int, now: datetime, rng: random.
     Sessions of a few to fifteen utterances in one language share a conversation; every event lies in the
     learner's current period, in its last days; the streams of the learners are interleaved.
     """
-    minutes = {learner.user_id: _target_ms(learner.persona) for learner in learners}
-    total = sum(minutes.values())
+    targets = {learner.user_id: _target_ms(learner.persona) for learner in learners}
+    total = sum(targets.values())
     events = []
     for learner in learners:
-        share = max(1, round(count * minutes[learner.user_id] / total))
-        events += _learner_events(learner, share, minutes[learner.user_id], now, rng)
+        share = max(1, round(count * targets[learner.user_id] / total))
+        events += _learner_events(learner, share, targets[learner.user_id], now, rng)
     events.sort(key=lambda item: item["started_at"])
     return events
 
@@ -155,7 +155,8 @@ def _target_ms(persona: Persona) -> int:
 
 def _learner_events(learner: Learner, count: int, target_ms: int, now: datetime, rng: random.Random) -> list[dict]:
     weights = [rng.uniform(3, 90) for _ in range(count)]  # seconds, before scaling to the target
-    durations = [int(target_ms * weight / sum(weights)) for weight in weights]
+    scale = target_ms / sum(weights)
+    durations = [int(weight * scale) for weight in weights]
     durations[-1] += target_ms - sum(durations)  # exact total, to the millisecond
     window_start = max(learner.period_start, now - HISTORY)
     window_ms = max(int((now - window_start).total_seconds() * 1000), 1)
