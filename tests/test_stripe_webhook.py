@@ -21,7 +21,7 @@ from conftest import environment, insert_user
 from http_server import serve_in_thread
 from test_stripe_sync import FakeStripe, checkout_session, new_id, price, stripe_event, subscription, ts
 
-from worker import db, dead_letters, stripe_sync
+from worker import cli, db, stripe_sync
 from worker.tasks.stripe import process_event
 
 pytestmark = pytest.mark.usefixtures("committed")
@@ -272,11 +272,9 @@ def test_same_second_events_are_resolved_through_stripes_api(thread_worker, web_
 # -- dead letters and the sweep ------------------------------------------------------------------------------
 
 
-def replay(letter_id: int) -> str | None:
-    with db.transaction() as conn:
-        result = dead_letters.replay(conn, letter_id, datetime.now(UTC))
-    result.after_commit()
-    return result.reason
+def replay(letter_id: int) -> int:
+    """`python -m worker dead-letters replay ID`, as an operator runs it."""
+    return cli.main(["dead-letters", "replay", str(letter_id)])
 
 
 def letter_of(event_id: str) -> sa.Row:
@@ -284,7 +282,9 @@ def letter_of(event_id: str) -> sa.Row:
     return letter
 
 
-def test_an_unknown_customer_and_an_unknown_price_are_dead_lettered_then_replayed(thread_worker, web_url) -> None:
+def test_an_unknown_customer_and_an_unknown_price_are_dead_lettered_then_replayed(
+    thread_worker, web_url, capsys
+) -> None:
     user, customer = new_user(), new_id("cus")
     payload = subscription(
         new_id("sub"), customer, price_object=price("price_unlisted"), start=now(), end=now() + MONTH
@@ -296,11 +296,10 @@ def test_an_unknown_customer_and_an_unknown_price_are_dead_lettered_then_replaye
     assert deliver(web_url, stripe_event("checkout.session.completed", checkout_session(customer, None, user), 1)) == (
         "applied"
     )
-    assert replay(letter_of(event["id"]).id) == "unknown Stripe price price_unlisted: not in STRIPE_PRICE_PLANS " + (
-        "and no metadata plan"
-    )
+    assert replay(letter_of(event["id"]).id) == 1  # linked now, but the price is still unknown
+    assert "failed again and stays: unknown Stripe price price_unlisted" in capsys.readouterr().out
     with environment(STRIPE_PRICE_PLANS="price_unlisted=enterprise"):
-        assert replay(letter_of(event["id"]).id) is None
+        assert replay(letter_of(event["id"]).id) == 0
     assert (subscription_of(user).plan_type, outcomes(event["id"])) == ("enterprise", {event["id"]: "applied"})
 
 
