@@ -18,7 +18,7 @@ from conftest import ROOT, TEST_ENV, insert_user
 from http_server import serve_in_thread
 from prometheus_client.parser import text_string_to_metric_families
 
-from worker import app, db, metrics
+from worker import app, db, dead_letters, metrics
 from worker.web import app as web_app
 
 AUTH = {"Authorization": "Bearer test-token-1"}
@@ -102,6 +102,7 @@ def test_metrics_count_real_traffic_through_worker_processes(base_url: str, spaw
     assert delta("worldspeak_quota_cache_lookups_total", result="hit") == 1
     assert delta("worldspeak_stripe_events_total", type="invoice.paid", outcome="applied") == 1
     assert value(after, "worldspeak_dead_letters_pending", source="usage") == 3
+    assert delta("worldspeak_dead_letters_total", source="usage") == 3
     assert value(after, "worldspeak_queue_messages", queue="usage") == 0
     assert ("worldspeak_queue_messages", frozenset({("queue", "maintenance")})) in after
     assert 120 <= value(after, "worldspeak_beat_job_seconds_since_success", job="sweep") < 180
@@ -152,3 +153,16 @@ def test_an_exiting_pool_process_drops_its_live_gauges_and_keeps_its_counts(tmp_
         (tmp_path / name).write_bytes(b"")
     metrics.process_exited()
     assert [path.name for path in tmp_path.iterdir()] == [f"counter_{me}.db"]
+
+
+def test_dead_letters_are_counted_only_once_their_transaction_commits(base_url: str) -> None:
+    letter = dead_letters.Letter("usage", {"event_id": "x"}, "a reason", "x")
+    before = value(scrape(base_url), "worldspeak_dead_letters_total", source="usage")
+    with pytest.raises(RuntimeError), db.transaction() as conn:
+        dead_letters.record(conn, [letter], datetime.now(UTC))
+        raise RuntimeError("rolled back")
+    assert value(scrape(base_url), "worldspeak_dead_letters_total", source="usage") == before
+    with db.transaction() as conn:
+        dead_letters.record(conn, [letter, letter], datetime.now(UTC))
+        conn.exec_driver_sql("DELETE FROM dead_letters WHERE ref = 'x'")
+    assert value(scrape(base_url), "worldspeak_dead_letters_total", source="usage") == before + 2

@@ -7,8 +7,9 @@ would talk over one socket), so the engine is created lazily and forgotten in ev
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 
 import psycopg
@@ -64,11 +65,34 @@ def _forget_engine_after_fork() -> None:
 os.register_at_fork(after_in_child=_forget_engine_after_fork)
 
 
+_after_commit: ContextVar[list[Callable[[], None]] | None] = ContextVar("after_commit", default=None)
+
+
 @contextmanager
 def transaction() -> Iterator[Connection]:
-    """A connection in a transaction that commits when the block ends and rolls back on error."""
-    with engine().begin() as connection:
-        yield connection
+    """A connection in a transaction that commits when the block ends and rolls back on error.
+
+    Callbacks registered with `after_commit` inside the block run once the commit succeeded.
+    """
+    callbacks: list[Callable[[], None]] = []
+    token = _after_commit.set(callbacks)
+    try:
+        with engine().begin() as connection:
+            yield connection
+    finally:
+        _after_commit.reset(token)
+    for callback in callbacks:
+        callback()
+
+
+def after_commit(callback: Callable[[], None]) -> None:
+    """Run `callback` once the enclosing `transaction()` commits; never if it rolls back.
+
+    Outside `transaction()` (a caller that manages its own transaction) nothing is registered.
+    """
+    callbacks = _after_commit.get()
+    if callbacks is not None:
+        callbacks.append(callback)
 
 
 # SQLSTATEs worth another try: the same work succeeds once the competing transaction or outage is gone.

@@ -5,7 +5,9 @@ Each domain registers how its letters are replayed (`replayer`), so one replay c
 
 from __future__ import annotations
 
+import functools
 import json
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
@@ -14,6 +16,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from worker import db, metrics
 from worker.logs import get_logger
 from worker.tables import dead_letters
 
@@ -101,6 +104,8 @@ def record(conn: Connection, letters: Iterable[Letter], now: datetime) -> int:
         conn.execute(dead_letters.insert(), rows)
         for row in rows:
             log.warning("dead_lettered", source=row["source"], ref=row["ref"], reason=row["reason"])
+        for source, count in Counter(row["source"] for row in rows).items():
+            db.after_commit(functools.partial(metrics.dead_lettered, source, count))
     return len(rows)
 
 

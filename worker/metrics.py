@@ -91,6 +91,12 @@ STRIPE_EVENTS = Counter(
     ["type", "outcome"],
     registry=None,
 )
+DEAD_LETTERS = Counter(
+    "worldspeak_dead_letters",
+    "Dead letters written (counted once their transaction committed), by source (usage, stripe, ...).",
+    ["source"],
+    registry=None,
+)
 QUOTA_CACHE_LOOKUPS = Counter(
     "worldspeak_quota_cache_lookups",
     "Quota look-ups in Redis: hit (a current answer) or miss (absent, stale or Redis unavailable).",
@@ -115,6 +121,10 @@ def usage_batch_committed(outcome: Outcome, events: int, seconds: float) -> None
 def stripe_event(event_type: str, outcome: str) -> None:
     """Count one processed Stripe event (call it once its outcome is committed)."""
     STRIPE_EVENTS.labels(event_type, outcome).inc()
+
+
+def dead_lettered(source: str, count: int) -> None:
+    DEAD_LETTERS.labels(source).inc(count)
 
 
 def quota_cache_lookup(hit: bool) -> None:
