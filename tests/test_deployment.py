@@ -52,6 +52,9 @@ def test_compose_services_wait_for_healthy_postgres_and_redis() -> None:
         assert services[name]["environment"]["DATABASE_URL"].startswith("postgresql://")
         assert services[name]["environment"]["REDIS_URL"] == "redis://redis:6379/0"
     assert services["web"]["environment"]["WEB_HOST"] == "0.0.0.0"
+    metrics_dir = services["web"]["environment"]["PROMETHEUS_MULTIPROC_DIR"]
+    for name in ("web", "worker"):  # the web's /metrics sums the worker's files only if both see them
+        assert f"metrics:{metrics_dir}" in services[name]["volumes"], name
     assert "healthcheck" in services["web"]
 
 

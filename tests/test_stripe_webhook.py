@@ -19,9 +19,10 @@ import pytest
 import sqlalchemy as sa
 from conftest import environment, insert_user
 from http_server import serve_in_thread
+from prometheus_client.parser import text_string_to_metric_families
 from test_stripe_sync import FakeStripe, checkout_session, new_id, price, stripe_event, subscription, ts
 
-from worker import cli, db, stripe_sync
+from worker import cli, db, metrics, stripe_sync
 from worker.tasks.stripe import process_event
 
 pytestmark = pytest.mark.usefixtures("committed")
@@ -102,6 +103,7 @@ def test_a_signed_event_is_stored_before_the_answer_and_applied_by_the_worker(
     thread_worker, web_url, redis_client
 ) -> None:
     user = new_user()
+    applied_before = stripe_events_counted("customer.subscription.created", "applied")
     redis_client.set(f"quota:{user}", "{}")  # a cached quota answer, to be dropped once the plan changes
     customer, subscription_id = new_id("cus"), new_id("sub")
     checkout = stripe_event("checkout.session.completed", checkout_session(customer, subscription_id, user), ts_now())
@@ -126,6 +128,19 @@ def test_a_signed_event_is_stored_before_the_answer_and_applied_by_the_worker(
         created,
     )
     wait_until(lambda: not redis_client.exists(f"quota:{user}"), "the cached quota dropped")
+    assert stripe_events_counted("customer.subscription.created", "applied") == applied_before + 1
+
+
+def stripe_events_counted(event_type: str, outcome: str) -> float:
+    """worldspeak_stripe_events_total for one type and outcome, summed over this host's processes."""
+    body, _ = metrics.exposition()
+    labels = {"type": event_type, "outcome": outcome}
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(body.decode())
+        for sample in family.samples
+        if sample.name == "worldspeak_stripe_events_total" and sample.labels == labels
+    )
 
 
 def test_duplicate_deliveries_are_answered_200_and_applied_once(thread_worker, web_url) -> None:

@@ -23,6 +23,7 @@ and the period that contains a new start is cut there, so usage periods never ov
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -35,7 +36,7 @@ import stripe
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.engine import Connection, Row
 
-from worker import periods, quota
+from worker import db, metrics, periods, quota
 from worker.celery_app import app
 from worker.config import PLAN_TYPES, settings
 from worker.dead_letters import MAX_REASON_CHARS, AfterCommit, Letter, Rejected, record, replayer, storable
@@ -616,6 +617,7 @@ def process(conn: Connection, event_id: str, now: datetime) -> Processed:
         record(conn, [Letter("stripe", row.payload, exc.reason, event_id, TASK_NAME)], now)
         effect, error = Effect("dead_lettered"), exc.reason
     _mark_processed(conn, event_id, effect.outcome, error, now)
+    db.after_commit(functools.partial(metrics.stripe_event, row.type, effect.outcome))
     log.info("stripe_event_processed", event_id=event_id, type=row.type, outcome=effect.outcome, note=effect.note)
     return Processed(event_id, effect.outcome, effect.user_id)
 
