@@ -110,7 +110,7 @@ def screen(conn: Connection, raw_events: list[Any], now: datetime) -> Screening:
             continue
         seen.add(event.event_id)
         valid.append((index, event))
-    known = metering._known_users(conn, (event.user_id for _, event in valid))
+    known = metering.known_users(conn, (event.user_id for _, event in valid))
     recorded = _recorded(conn, [event.event_id for _, event in valid])
     for index, event in valid:
         if event.user_id not in known:

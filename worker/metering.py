@@ -206,7 +206,7 @@ def hourly_totals(events: Iterable[UsageEvent]) -> dict[tuple[str, int], HourTot
     return totals
 
 
-def _seconds_json(ms_by_key: dict[str, int]) -> str:
+def seconds_json(ms_by_key: dict[str, int]) -> str:
     return json.dumps({key: ms / 1000 if ms % 1000 else ms // 1000 for key, ms in sorted(ms_by_key.items())})
 
 
@@ -231,7 +231,7 @@ class Outcome:
     quotas: dict[str, quota.Quota] = field(default_factory=dict)
 
 
-def _known_users(conn: Connection, user_ids: Iterable[str]) -> set[str]:
+def known_users(conn: Connection, user_ids: Iterable[str]) -> set[str]:
     rows = conn.execute(
         sa.text("SELECT id::text FROM profiles WHERE id = ANY(CAST(:ids AS uuid[]))"), {"ids": sorted(set(user_ids))}
     )
@@ -341,7 +341,7 @@ def _add_to_tracking(conn: Connection, events: list[UsageEvent], now: datetime) 
             "ms": [totals[k].microphone_ms for k in keys],
             "messages": [totals[k].message_count for k in keys],
             "conversations": [new_conversations.get(k, 0) for k in keys],
-            "languages": [_seconds_json(totals[k].language_ms) for k in keys],
+            "languages": [seconds_json(totals[k].language_ms) for k in keys],
             "features": [json.dumps(dict(sorted(totals[k].feature_counts.items()))) for k in keys],
         },
     )
@@ -447,7 +447,7 @@ def apply_events(
             continue
         seen.add(event.event_id)
         valid.append((index, event))
-    known = _known_users(conn, (event.user_id for _, event in valid))
+    known = known_users(conn, (event.user_id for _, event in valid))
     events = []
     for index, event in valid:
         if event.user_id in known:

@@ -39,9 +39,9 @@ from worker.metering import (
     HOUR_MS,
     HourTotals,
     UsageEvent,
-    _seconds_json,
     hourly_totals,
     overlap_ms,
+    seconds_json,
     to_datetime,
     to_ms,
 )
@@ -322,7 +322,7 @@ def _rebuild_hours(conn: Connection, report: Report, events: list[UsageEvent], n
                 "ms": [t.microphone_ms for t in totals],
                 "messages": [t.message_count for t in totals],
                 "conversations": [len(t.conversations) for t in totals],
-                "languages": [_seconds_json(t.language_ms) for t in totals],
+                "languages": [seconds_json(t.language_ms) for t in totals],
                 "features": [json.dumps(dict(sorted(t.feature_counts.items()))) for t in totals],
             },
         )
