@@ -302,8 +302,7 @@ def _new_conversation_counts(conn: Connection, totals: dict[tuple[str, int], Hou
     return counts
 
 
-_UPSERT_TRACKING = sa.text(
-    """
+_TRACKING_ROWS = """
     INSERT INTO usage_tracking AS t (user_id, tracked_at, date, hour, microphone_ms, microphone_seconds,
                                      message_count, conversation_count, language_breakdown, feature_usage,
                                      is_aggregated)
@@ -317,34 +316,60 @@ _UPSERT_TRACKING = sa.text(
     ORDER BY r.user_id, r.hour_start
     ON CONFLICT (user_id, date, hour) DO UPDATE SET
         tracked_at = EXCLUDED.tracked_at,
+        is_aggregated = false,  -- the aggregation looks at the row again (it rolls up only what is new)
+"""
+_ADD_TO_TRACKING = sa.text(
+    _TRACKING_ROWS
+    + """
         microphone_ms = t.microphone_ms + EXCLUDED.microphone_ms,
         microphone_seconds = (t.microphone_ms + EXCLUDED.microphone_ms) / 1000,
         message_count = COALESCE(t.message_count, 0) + EXCLUDED.message_count,
         conversation_count = COALESCE(t.conversation_count, 0) + EXCLUDED.conversation_count,
         language_breakdown = jsonb_sum_merge(t.language_breakdown, EXCLUDED.language_breakdown),
-        feature_usage = jsonb_sum_merge(t.feature_usage, EXCLUDED.feature_usage),
-        is_aggregated = false
+        feature_usage = jsonb_sum_merge(t.feature_usage, EXCLUDED.feature_usage)
+    """
+)
+# Sets rather than adds: a rebuild from the ledger writes whole recomputed hours.
+_REPLACE_TRACKING = sa.text(
+    _TRACKING_ROWS
+    + """
+        microphone_ms = EXCLUDED.microphone_ms,
+        microphone_seconds = EXCLUDED.microphone_seconds,
+        message_count = EXCLUDED.message_count,
+        conversation_count = EXCLUDED.conversation_count,
+        language_breakdown = EXCLUDED.language_breakdown,
+        feature_usage = EXCLUDED.feature_usage
     """
 )
 
 
-def _add_to_tracking(conn: Connection, events: list[UsageEvent], now: datetime) -> None:
-    totals = hourly_totals(events)
-    new_conversations = _new_conversation_counts(conn, totals)
+def write_tracking(
+    conn: Connection,
+    totals: dict[tuple[str, int], HourTotals],
+    conversation_counts: dict[tuple[str, int], int],
+    now: datetime,
+    replace: bool = False,
+) -> None:
+    """Add (or, with `replace`, set) hourly totals in usage_tracking, one statement in key order."""
     keys = sorted(totals)
     conn.execute(
-        _UPSERT_TRACKING,
+        _REPLACE_TRACKING if replace else _ADD_TO_TRACKING,
         {
             "now": now,
             "user_ids": [user for user, _ in keys],
             "hours": [to_datetime(hour) for _, hour in keys],
             "ms": [totals[k].microphone_ms for k in keys],
             "messages": [totals[k].message_count for k in keys],
-            "conversations": [new_conversations.get(k, 0) for k in keys],
+            "conversations": [conversation_counts.get(k, 0) for k in keys],
             "languages": [seconds_json(totals[k].language_ms) for k in keys],
             "features": [json.dumps(dict(sorted(totals[k].feature_counts.items()))) for k in keys],
         },
     )
+
+
+def _add_to_tracking(conn: Connection, events: list[UsageEvent], now: datetime) -> None:
+    totals = hourly_totals(events)
+    write_tracking(conn, totals, _new_conversation_counts(conn, totals), now)
 
 
 _ADD_TO_PERIODS = sa.text(

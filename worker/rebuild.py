@@ -23,7 +23,6 @@ longer, unless that setting was lowered since: then widen --from by the old maxi
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -41,9 +40,9 @@ from worker.metering import (
     UsageEvent,
     hourly_totals,
     overlap_ms,
-    seconds_json,
     to_datetime,
     to_ms,
+    write_tracking,
 )
 
 STREAM_ROWS = 10_000  # ledger rows fetched per round trip while summing period totals
@@ -148,33 +147,6 @@ _TRACKING_IN_RANGE = sa.text(
       AND (t.date + make_interval(hours => t.hour)) AT TIME ZONE 'UTC' < :end
     ORDER BY t.user_id, t.date, t.hour
     FOR UPDATE
-    """
-)
-
-# Sets (not adds) the recomputed values; the aggregation's bookkeeping (aggregated_ms) stays, and
-# is_aggregated turns false as with every metered change, so the aggregation looks at the row again.
-_SET_TRACKING = sa.text(
-    """
-    INSERT INTO usage_tracking AS t (user_id, tracked_at, date, hour, microphone_ms, microphone_seconds,
-                                     message_count, conversation_count, language_breakdown, feature_usage,
-                                     is_aggregated)
-    SELECT r.user_id, :now, (r.hour_start AT TIME ZONE 'UTC')::date,
-           EXTRACT(HOUR FROM r.hour_start AT TIME ZONE 'UTC')::int,
-           r.ms, r.ms / 1000, r.messages, r.conversations, r.languages, r.features, false
-    FROM unnest(CAST(:user_ids AS uuid[]), CAST(:hours AS timestamptz[]), CAST(:ms AS bigint[]),
-                CAST(:messages AS int[]), CAST(:conversations AS int[]), CAST(:languages AS jsonb[]),
-                CAST(:features AS jsonb[]))
-         AS r(user_id, hour_start, ms, messages, conversations, languages, features)
-    ORDER BY r.user_id, r.hour_start
-    ON CONFLICT (user_id, date, hour) DO UPDATE SET
-        tracked_at = EXCLUDED.tracked_at,
-        microphone_ms = EXCLUDED.microphone_ms,
-        microphone_seconds = EXCLUDED.microphone_seconds,
-        message_count = EXCLUDED.message_count,
-        conversation_count = EXCLUDED.conversation_count,
-        language_breakdown = EXCLUDED.language_breakdown,
-        feature_usage = EXCLUDED.feature_usage,
-        is_aggregated = false
     """
 )
 
@@ -312,20 +284,9 @@ def _rebuild_hours(conn: Connection, report: Report, events: list[UsageEvent], n
     for key in to_remove:
         report.changes.append(Change("usage_tracking", "removed", _hour_key(*key), "no ledger event in this hour"))
     if to_set:
-        totals = [computed[key] for key in to_set]
-        conn.execute(
-            _SET_TRACKING,
-            {
-                "now": now,
-                "user_ids": [user for user, _ in to_set],
-                "hours": [to_datetime(hour) for _, hour in to_set],
-                "ms": [t.microphone_ms for t in totals],
-                "messages": [t.message_count for t in totals],
-                "conversations": [len(t.conversations) for t in totals],
-                "languages": [seconds_json(t.language_ms) for t in totals],
-                "features": [json.dumps(dict(sorted(t.feature_counts.items()))) for t in totals],
-            },
-        )
+        wanted = {key: computed[key] for key in to_set}
+        conversations = {key: len(totals.conversations) for key, totals in wanted.items()}
+        write_tracking(conn, wanted, conversations, now, replace=True)
     if to_remove:
         users, hours = _columns(to_remove)
         conn.execute(_REMOVE_TRACKING, {"user_ids": users, "hours": [to_datetime(h) for h in hours]})
