@@ -26,7 +26,7 @@ from sqlalchemy.engine import Connection
 
 from worker import db, metering, metrics
 from worker.celery_app import app
-from worker.dead_letters import Letter, Rejected, record, storable_text
+from worker.dead_letters import Letter, record
 from worker.logs import get_logger
 
 log = get_logger(__name__)
@@ -95,31 +95,14 @@ def _recorded(conn: Connection, event_ids: list[str]) -> set[str]:
 
 def screen(conn: Connection, raw_events: list[Any], now: datetime) -> Screening:
     """Sort a request's events into queued, duplicate and rejected (in request order), as the worker would."""
-    screening = Screening()
-    valid: list[tuple[int, metering.UsageEvent]] = []
-    seen: set[str] = set()
-    for index, raw in enumerate(raw_events):
-        try:
-            event = metering.parse_event(raw, now)
-        except Rejected as exc:
-            event_id = storable_text(raw.get("event_id")) if isinstance(raw, dict) else None
-            screening.rejected.append(metering.Rejection(index, event_id, exc.reason))
-            continue
-        if event.event_id in seen:
-            screening.duplicates.append(event.event_id)
-            continue
-        seen.add(event.event_id)
-        valid.append((index, event))
-    known = metering.known_users(conn, (event.user_id for _, event in valid))
-    recorded = _recorded(conn, [event.event_id for _, event in valid])
-    for index, event in valid:
-        if event.user_id not in known:
-            screening.rejected.append(metering.Rejection(index, event.event_id, f"unknown user_id {event.user_id}"))
-        elif event.event_id in recorded:
+    screened = metering.screen(conn, raw_events, now)
+    screening = Screening(duplicates=screened.duplicates, rejected=screened.rejected)
+    recorded = _recorded(conn, [event.event_id for _, event in screened.events])
+    for index, event in screened.events:
+        if event.event_id in recorded:
             screening.duplicates.append(event.event_id)
         else:
             screening.queued.append(raw_events[index])
-    screening.rejected.sort(key=lambda rejection: rejection.index)
     return screening
 
 

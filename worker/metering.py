@@ -450,14 +450,19 @@ def _add_to_periods(conn: Connection, events: list[UsageEvent], now: datetime) -
     )
 
 
-def apply_events(
-    conn: Connection, raw_events: Sequence[Any], now: datetime, task_name: str | None = None, dead_letter: bool = True
-) -> Outcome:
-    """Validate and apply a batch in the caller's transaction; bad events are dead-lettered in it too.
+@dataclass
+class Screened:
+    """A batch sorted before any write: applicable events (with their index), duplicates within the
+    batch, and rejections (in batch order)."""
 
-    The caller publishes `outcome.quotas` (quota.publish) once the transaction has committed.
-    """
-    outcome = Outcome()
+    events: list[tuple[int, UsageEvent]] = field(default_factory=list)
+    duplicates: list[str] = field(default_factory=list)
+    rejected: list[Rejection] = field(default_factory=list)
+
+
+def screen(conn: Connection, raw_events: Sequence[Any], now: datetime) -> Screened:
+    """Validate every event, keep the first of each id, and reject events of unknown users."""
+    screened = Screened()
     valid: list[tuple[int, UsageEvent]] = []
     seen: set[str] = set()
     for index, raw in enumerate(raw_events):
@@ -465,20 +470,33 @@ def apply_events(
             event = parse_event(raw, now)
         except Rejected as exc:
             event_id = storable_text(raw.get("event_id")) if isinstance(raw, dict) else None
-            outcome.rejected.append(Rejection(index, event_id, exc.reason))
+            screened.rejected.append(Rejection(index, event_id, exc.reason))
             continue
         if event.event_id in seen:
-            outcome.duplicates.append(event.event_id)
+            screened.duplicates.append(event.event_id)
             continue
         seen.add(event.event_id)
         valid.append((index, event))
     known = known_users(conn, (event.user_id for _, event in valid))
-    events = []
     for index, event in valid:
         if event.user_id in known:
-            events.append(event)
+            screened.events.append((index, event))
         else:
-            outcome.rejected.append(Rejection(index, event.event_id, f"unknown user_id {event.user_id}"))
+            screened.rejected.append(Rejection(index, event.event_id, f"unknown user_id {event.user_id}"))
+    screened.rejected.sort(key=lambda rejection: rejection.index)
+    return screened
+
+
+def apply_events(
+    conn: Connection, raw_events: Sequence[Any], now: datetime, task_name: str | None = None, dead_letter: bool = True
+) -> Outcome:
+    """Validate and apply a batch in the caller's transaction; bad events are dead-lettered in it too.
+
+    The caller publishes `outcome.quotas` (quota.publish) once the transaction has committed.
+    """
+    screened = screen(conn, raw_events, now)
+    outcome = Outcome(duplicates=screened.duplicates, rejected=screened.rejected)
+    events = [event for _, event in screened.events]
     new_ids = _insert_ledger(conn, events, now) if events else set()
     new_events = [event for event in events if event.event_id in new_ids]
     outcome.accepted = [event.event_id for event in new_events]
@@ -487,7 +505,6 @@ def apply_events(
         _add_to_tracking(conn, new_events, now)
         _add_to_periods(conn, new_events, now)
         outcome.quotas = quota.read(conn, {event.user_id for event in new_events}, now)
-    outcome.rejected.sort(key=lambda rejection: rejection.index)
     if dead_letter:
         record(
             conn,
