@@ -1,0 +1,446 @@
+"""The measurements. Each Celery path is measured twice: its throughput by draining a backlog published
+before the workers start (producers are app servers elsewhere; here they would take the cores the
+workers need), then its latency with events published at half that rate into running workers, so the
+latency is the path's own and not time spent queued behind a backlog."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import psycopg
+import sqlalchemy as sa
+from prometheus_client import CollectorRegistry
+from prometheus_client.multiprocess import MultiProcessCollector
+
+from bench import harness
+from bench.data import Stream, Totals, totals
+from bench.noop import NOOP_TASK
+from worker import app, db, metering, quota
+from worker.config import settings
+from worker.tasks.base import utcnow
+
+LATENCY_RATE_FRACTION = 0.5  # latency runs publish at this fraction of the measured throughput
+
+
+@dataclass
+class Result:
+    name: str
+    events: int  # distinct events (or no-op messages) in the throughput run
+    seconds: float  # wall time of the throughput run
+    machine_cpu_seconds: float  # CPU time the whole (shared) machine spent during it
+    cpu: dict[str, float] = field(default_factory=dict)  # CPU seconds of the processes doing the work, by group
+    latencies: list[float] = field(default_factory=list)  # seconds, publish -> committed, one per event
+    latency_rate: float | None = None  # events/s offered during the latency run
+    memory: harness.MemoryPeaks | None = None
+    transaction_seconds_per_event: float | None = None  # a database connection's time per event
+    note: str = ""
+
+    @property
+    def rate(self) -> float:
+        return self.events / self.seconds
+
+    @property
+    def cpu_ms_per_event(self) -> float:
+        """CPU of the processes doing the work (services, PostgreSQL backends, Redis, bench) per event."""
+        return 1000 * sum(self.cpu.values()) / self.events
+
+    @property
+    def machine_cpu_ms_per_event(self) -> float:
+        return 1000 * self.machine_cpu_seconds / self.events
+
+    def cpu_split(self) -> str:
+        return ", ".join(f"{group} {1000 * seconds / self.events:.3f}" for group, seconds in self.cpu.items()
+                         if seconds >= 0.000001 * self.events)  # fmt: skip
+
+    def latency_ms(self, fraction: float) -> float:
+        return 1000 * harness.percentile(self.latencies, fraction)
+
+
+@dataclass(frozen=True)
+class Message:
+    """One Celery message: its task, arguments, and the ids that are done when it is."""
+
+    task: str
+    args: list
+    ids: list[str]
+    task_id: str | None = None
+
+
+@dataclass
+class Context:
+    env: dict[str, str]
+    log_dir: Path
+    redis_url: str
+    run_id: str
+    concurrency: int
+    web_url: str = ""
+
+    def cpu_account(self, *services: harness.Service) -> harness.CpuAccount:
+        return harness.CpuAccount(list(services), self.redis_url, sa.engine.make_url(self.env["DATABASE_URL"]).database)
+
+
+# -- messages ----------------------------------------------------------------------------------------------
+
+
+def noop_messages(count: int, tag: str) -> list[Message]:
+    ids = [f"noop.{tag}.{number}" for number in range(count)]
+    return [Message(NOOP_TASK, [{"n": number}], [task_id], task_id) for number, task_id in enumerate(ids)]
+
+
+def single_messages(stream: Stream) -> list[Message]:
+    return [Message("metering.record_usage", [event], [event["event_id"]]) for event in stream.events]
+
+
+def batch_messages(stream: Stream, size: int = metering.MAX_BATCH_EVENTS) -> list[Message]:
+    chunks = [stream.events[start : start + size] for start in range(0, len(stream.events), size)]
+    return [Message("metering.record_usage_batch", [chunk], [e["event_id"] for e in chunk]) for chunk in chunks]
+
+
+def publish(messages: Iterable[Message], published: dict[str, float], rate: float | None = None) -> None:
+    """Send the messages (at `rate` messages per second when given), noting when each id was first sent."""
+    started = time.perf_counter()
+    with app.producer_or_acquire() as producer:
+        for number, message in enumerate(messages):
+            if rate:
+                delay = started + number / rate - time.perf_counter()
+                if delay > 0:
+                    time.sleep(delay)
+            sent_at = time.time()
+            for event_id in message.ids:
+                published.setdefault(event_id, sent_at)
+            app.send_task(message.task, args=message.args, task_id=message.task_id, queue="usage", producer=producer)
+
+
+# -- checks ------------------------------------------------------------------------------------------------
+
+
+def check_totals(name: str, added: Totals, stream: Stream, periods: bool = True) -> None:
+    """The database gained exactly the stream's distinct events and their milliseconds, nothing else."""
+    expected = {
+        "ledger_events": len(stream.unique_ids),
+        "ledger_ms": stream.total_ms,
+        "tracking_ms": stream.total_ms,
+        "period_ms": stream.total_ms if periods else 0,
+        "dead_letters": 0,
+    }
+    wrong = {key: (getattr(added, key), value) for key, value in expected.items() if getattr(added, key) != value}
+    if wrong:
+        raise AssertionError(f"{name}: the database does not match the events sent (found, expected): {wrong}")
+
+
+def worker_transaction_seconds_per_event(metrics_dir: str) -> float | None:
+    """From the workers' Prometheus files: seconds spent in metering transactions per event applied."""
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=metrics_dir)
+    sums: dict[str, float] = {}
+    for metric in registry.collect():
+        for sample in metric.samples:
+            if sample.name in ("worldspeak_usage_commit_seconds_sum", "worldspeak_usage_batch_events_sum"):
+                sums[sample.name] = sums.get(sample.name, 0.0) + sample.value
+    events = sums.get("worldspeak_usage_batch_events_sum")
+    return sums["worldspeak_usage_commit_seconds_sum"] / events if events else None
+
+
+# -- Celery paths ------------------------------------------------------------------------------------------
+
+
+def _latencies(completions: harness.Completions, published: dict[str, float]) -> list[float]:
+    return [completions.done[event_id] - sent_at for event_id, sent_at in published.items()]
+
+
+def celery_path(
+    context: Context,
+    name: str,
+    backlog: list[Message],
+    paced: list[Message],
+    stream: Stream | None,
+    paced_stream: Stream | None,
+    include: str | None = None,
+) -> Result:
+    """Throughput draining `backlog`, then latency with `paced` sent at half that rate; totals checked."""
+    harness.reset_redis(context.redis_url, context.run_id)
+    before = totals()
+    publish(backlog, {})
+    expected = {event_id for message in backlog for event_id in message.ids}
+    worker = harness.start_worker(f"bench-{name}", context.env, context.log_dir, context.concurrency, include)
+    try:
+        with harness.MemoryWatch(worker):
+            account, cpu_start = context.cpu_account(worker), harness.machine_cpu_seconds()
+            completions = harness.Completions([harness.LogReader(worker.log_path)])
+            completions.wait_for(expected, timeout=600)
+            cpu = harness.machine_cpu_seconds() - cpu_start
+            finished = max(completions.done[event_id] for event_id in expected)
+            result = Result(name, len(expected), finished - completions.ready_at, cpu, account.spent())
+            result.transaction_seconds_per_event = _transactions(context)
+            if stream is not None:
+                check_totals(name, totals().minus(before), stream)
+            _measure_latency(result, paced, completions, stream, paced_stream)
+        result.memory = worker.memory()
+    finally:
+        worker.stop()
+    return result
+
+
+def _transactions(context: Context) -> float | None:
+    return worker_transaction_seconds_per_event(context.env["PROMETHEUS_MULTIPROC_DIR"])
+
+
+def _measure_latency(
+    result: Result,
+    paced: list[Message],
+    completions: harness.Completions,
+    stream: Stream | None,
+    paced_stream: Stream | None,
+) -> None:
+    if not paced:
+        return
+    before = totals()
+    per_message = sum(len(message.ids) for message in paced) / len(paced)
+    result.latency_rate = LATENCY_RATE_FRACTION * result.rate
+    published: dict[str, float] = {}
+    publish(paced, published, rate=result.latency_rate / per_message)
+    completions.wait_for(set(published), timeout=300)
+    result.latencies = _latencies(completions, published)
+    if stream is not None and paced_stream is not None:
+        check_totals(f"{result.name} (latency run)", totals().minus(before), paced_stream)
+
+
+# -- HTTP path ---------------------------------------------------------------------------------------------
+
+
+def _post_all(
+    url: str, bodies: list[list[dict]], published: dict[str, float], rate: float | None, threads: int
+) -> None:
+    """POST {"events": [...]} bodies from `threads` clients, at `rate` requests per second when given."""
+    headers = {"Authorization": f"Bearer {harness.INGEST_TOKEN}"}
+    started = time.perf_counter()
+
+    def post(numbered: tuple[int, list[dict]]) -> None:
+        number, events = numbered
+        if rate:
+            delay = started + number / rate - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+        sent_at = time.time()
+        for event in events:
+            published.setdefault(event["event_id"], sent_at)
+        response = clients[number % threads].post(url, json={"events": events}, headers=headers, timeout=60)
+        if response.status_code != 202 or response.json()["rejected"]:
+            raise RuntimeError(f"POST /v1/usage-events answered {response.status_code}: {response.text[:500]}")
+
+    clients = [httpx.Client() for _ in range(threads)]
+    try:
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(post, enumerate(bodies)))
+    finally:
+        for client in clients:
+            client.close()
+
+
+def http_path(context: Context, stream: Stream, paced_stream: Stream, threads: int = 4) -> Result:
+    """Web and workers running; throughput of bodies posted as fast as `threads` clients can, then latency."""
+    harness.reset_redis(context.redis_url, context.run_id)
+    url = f"{context.web_url}/v1/usage-events"
+    bodies = [message.args[0] for message in batch_messages(stream)]
+    paced_bodies = [message.args[0] for message in batch_messages(paced_stream)]
+    web = harness.start_web(context.env, context.log_dir)
+    worker = harness.start_worker("bench-http", context.env, context.log_dir, context.concurrency)
+    try:
+        with harness.MemoryWatch(web, worker):
+            completions = harness.Completions([harness.LogReader(worker.log_path)])
+            before = totals()
+            published: dict[str, float] = {}
+            account, cpu_start = context.cpu_account(web, worker), harness.machine_cpu_seconds()
+            _post_all(url, bodies, published, None, threads)
+            completions.wait_for(stream.unique_ids, timeout=600)
+            cpu = harness.machine_cpu_seconds() - cpu_start
+            first_post = min(published.values())
+            finished = max(completions.done[event_id] for event_id in stream.unique_ids)
+            result = Result("http", len(stream.unique_ids), finished - first_post, cpu, account.spent())
+            result.transaction_seconds_per_event = _transactions(context)
+            check_totals("http", totals().minus(before), stream)
+            before = totals()
+            result.latency_rate = LATENCY_RATE_FRACTION * result.rate
+            paced_published: dict[str, float] = {}
+            per_body = len(paced_stream.events) / len(paced_bodies)
+            _post_all(url, paced_bodies, paced_published, result.latency_rate / per_body, threads)
+            completions.wait_for(paced_stream.unique_ids, timeout=300)
+            result.latencies = [completions.done[i] - paced_published[i] for i in paced_stream.unique_ids]
+            check_totals("http (latency run)", totals().minus(before), paced_stream)
+        result.memory = worker.memory()
+        result.note = (
+            f"web (`python -m worker web`, {settings().web_concurrency} processes) peak "
+            f"{web.memory().child_mib:.0f} MiB per process; {threads} client threads"
+        )
+    finally:
+        web.stop()
+        worker.stop()
+    return result
+
+
+# -- without Celery ----------------------------------------------------------------------------------------
+
+
+class StatementTimes:
+    """Time spent in each SQL statement (driver and server), summed, from SQLAlchemy's cursor events."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self.calls: dict[str, int] = {}
+
+    @staticmethod
+    def _name(statement: str) -> str:
+        words = " ".join(statement.split()[:6])
+        return words[:70]
+
+    def __enter__(self) -> StatementTimes:
+        sa.event.listen(db.engine(), "before_cursor_execute", self._before)
+        sa.event.listen(db.engine(), "after_cursor_execute", self._after)
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        sa.event.remove(db.engine(), "before_cursor_execute", self._before)
+        sa.event.remove(db.engine(), "after_cursor_execute", self._after)
+
+    def _before(self, conn, _cursor, _statement, _parameters, _context, _executemany) -> None:
+        conn.info.setdefault("bench_started", []).append(time.perf_counter())
+
+    def _after(self, conn, _cursor, statement, _parameters, _context, _executemany) -> None:
+        elapsed = time.perf_counter() - conn.info["bench_started"].pop()
+        name = self._name(statement)
+        self.seconds[name] = self.seconds.get(name, 0.0) + elapsed
+        self.calls[name] = self.calls.get(name, 0) + 1
+
+
+@dataclass
+class Breakdown:
+    """Where the time of the set-based path goes: each statement, commits, and Python."""
+
+    total: float
+    statements: dict[str, float]
+    calls: dict[str, int]
+    commit: float
+    publish: float
+
+
+def pg_ceiling(context: Context, stream: Stream, batch: int = metering.MAX_BATCH_EVENTS) -> tuple[Result, Breakdown]:
+    """The same events through `metering.apply_events` in this process, one connection, a commit per batch."""
+    before = totals()
+    latencies: list[float] = []
+    commit = 0.0
+    account, cpu_start = context.cpu_account(), harness.machine_cpu_seconds()
+    started = time.perf_counter()
+    with StatementTimes() as times:
+        for start in range(0, len(stream.events), batch):
+            chunk = stream.events[start : start + batch]
+            began = time.perf_counter()
+            with db.engine().connect() as conn:
+                with conn.begin():
+                    metering.apply_events(conn, chunk, utcnow())
+                    committing = time.perf_counter()
+                commit += time.perf_counter() - committing
+            latencies += [time.perf_counter() - began] * len(chunk)
+    elapsed = time.perf_counter() - started
+    cpu = harness.machine_cpu_seconds() - cpu_start
+    result = Result("postgresql", len(stream.unique_ids), elapsed, cpu, account.spent())
+    result.latencies = latencies
+    result.transaction_seconds_per_event = elapsed / len(stream.unique_ids)
+    result.note = "apply_events in the bench process, one connection, 1,000 events per transaction, no Redis"
+    check_totals("postgresql", totals().minus(before), stream)
+    publish_seconds = _quota_publish_seconds(stream, batch)
+    return result, Breakdown(elapsed, times.seconds, times.calls, commit, publish_seconds)
+
+
+def _quota_publish_seconds(stream: Stream, batch: int) -> float:
+    """What publishing the quotas of each batch's users to Redis adds (done by the workers after commit)."""
+    now = utcnow()
+    with db.engine().connect() as conn:
+        answers = quota.read(conn, {event["user_id"] for event in stream.events}, now)
+    started = time.perf_counter()
+    for start in range(0, len(stream.events), batch):
+        users = {event["user_id"] for event in stream.events[start : start + batch]}
+        quota.publish(answers[user] for user in users)
+    return time.perf_counter() - started
+
+
+_NAIVE_LEDGER = """
+    INSERT INTO usage_events (event_id, user_id, started_at, duration_ms, language, conversation_id, feature,
+                              received_at)
+    VALUES (%(event_id)s, %(user_id)s, %(started_at)s, %(ms)s, %(language)s, %(conversation_id)s, %(feature)s,
+            %(now)s)
+    ON CONFLICT (event_id) DO NOTHING
+    """
+_NAIVE_TOTALS = (
+    """
+    INSERT INTO usage_tracking AS t (user_id, tracked_at, date, hour, microphone_ms, message_count)
+    VALUES (%(user_id)s, %(now)s, (CAST(%(started_at)s AS timestamptz) AT TIME ZONE 'UTC')::date,
+            EXTRACT(HOUR FROM CAST(%(started_at)s AS timestamptz) AT TIME ZONE 'UTC')::int, %(ms)s, 1)
+    ON CONFLICT (user_id, date, hour) DO UPDATE SET
+        microphone_ms = t.microphone_ms + EXCLUDED.microphone_ms, message_count = t.message_count + 1
+    """,
+    """
+    UPDATE subscriptions SET monthly_minutes_used = monthly_minutes_used + %(ms)s / 60000 WHERE user_id = %(user_id)s
+    """,
+)
+
+
+def naive(context: Context, stream: Stream, connections: int) -> Result:
+    """One transaction per event, single-row statements, as the seed's trigger would have it (plus the
+    ledger row exactly-once needs): ledger insert, usage_tracking upsert, subscriptions update, commit.
+    Every event goes into its start hour (the seed did not split across hours), so totals still add up."""
+    before = totals()
+    url = settings().database_url
+    now = utcnow()
+    latencies: list[list[float]] = [[] for _ in range(connections)]
+
+    def run(part: int, conn: psycopg.Connection) -> None:
+        for event in stream.events[part::connections]:
+            values = {"conversation_id": None, "feature": None, **event}
+            values.update(ms=round(event["seconds"] * 1000), now=now)
+            began = time.perf_counter()
+            with conn.transaction():
+                if conn.execute(_NAIVE_LEDGER, values).rowcount:  # a duplicate changes nothing
+                    for statement in _NAIVE_TOTALS:
+                        conn.execute(statement, values)
+            latencies[part].append(time.perf_counter() - began)
+
+    conns = [psycopg.connect(url, options="-c timezone=UTC", autocommit=True) for _ in range(connections)]
+    try:  # the connections stay open until their backends' CPU time is read
+        account, cpu_start = context.cpu_account(), harness.machine_cpu_seconds()
+        started = time.perf_counter()
+        with ThreadPoolExecutor(connections) as pool:
+            list(pool.map(run, range(connections), conns))
+        elapsed = time.perf_counter() - started
+        cpu = harness.machine_cpu_seconds() - cpu_start
+        result = Result("naive", len(stream.unique_ids), elapsed, cpu, account.spent())
+    finally:
+        for conn in conns:
+            conn.close()
+    result.latencies = [value for part in latencies for value in part]
+    result.transaction_seconds_per_event = sum(result.latencies) / len(result.latencies)
+    result.note = f"{connections} connections in the bench process, one transaction per event"
+    added = totals().minus(before)
+    check_totals("naive", Totals(added.ledger_events, added.ledger_ms, added.tracking_ms, 0, added.dead_letters),
+                 stream, periods=False)  # fmt: skip
+    return result
+
+
+# -- quota look-ups ----------------------------------------------------------------------------------------
+
+
+def quota_lookups(users: list[str], count: int, choose: Callable[[list[str]], str]) -> list[float]:
+    """`quota.check` for random users once every user's answer is in Redis: seconds per look-up."""
+    for user in users:
+        quota.check(user)  # a miss: read from PostgreSQL and published
+    latencies = []
+    for _ in range(count):
+        user = choose(users)
+        began = time.perf_counter()
+        quota.check(user)
+        latencies.append(time.perf_counter() - began)
+    return latencies
