@@ -8,6 +8,7 @@ tests/test_stripe_webhook.py.
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import threading
@@ -20,7 +21,7 @@ import pytest
 import sqlalchemy as sa
 from conftest import environment, insert_user
 
-from worker import dead_letters, stripe_sync
+from worker import dead_letters, metering, stripe_sync
 from worker.dead_letters import Rejected
 
 API_BEFORE_BASIL = "2024-06-20"
@@ -773,3 +774,68 @@ def test_a_failed_try_is_counted(connection) -> None:
     inbox_row = inbox(connection, event_id)
     assert (inbox_row.attempts, inbox_row.last_attempt_at, inbox_row.processed_at) == (1, NOW, None)
     assert inbox_row.last_error.startswith("OperationalError")
+
+
+# -- usage follows its time when Stripe moves period bounds -------------------------------------------------
+
+
+def metered(connection: sa.Connection, user: uuid.UUID, started: datetime, seconds: int, now: datetime) -> None:
+    usage = {"event_id": new_id("use"), "user_id": str(user), "started_at": started.isoformat(), "seconds": seconds,
+             "language": "en"}  # fmt: skip
+    assert metering.apply_events(connection, [usage], now).accepted
+
+
+def period_usage(connection: sa.Connection, user: uuid.UUID) -> list[tuple]:
+    query = "SELECT period_start, period_end, used_ms FROM usage_periods WHERE user_id = :u ORDER BY period_start"
+    return [tuple(r) for r in connection.execute(sa.text(query), {"u": user})]
+
+
+def test_usage_metered_before_a_new_period_starts_moves_into_it(connection) -> None:
+    customer, subscription_id = new_id("cus"), new_id("sub")
+    user = linked_user(connection, customer)
+    start = NOW.replace(hour=11, minute=0)
+    metered(connection, user, start + timedelta(minutes=5), 600, NOW)  # on the free plan, inside [11:00, ...)
+    created = stripe_event(
+        "customer.subscription.created",
+        subscription(subscription_id, customer, start=start, end=start + timedelta(days=31)),
+        ts(NOW),
+    )
+    assert deliver(connection, created).outcome == "applied"
+    assert period_usage(connection, user) == [
+        (MARCH[0], start, 0),
+        (start, start + timedelta(days=31), 600_000),
+    ]
+    assert row(connection, user).monthly_minutes_used == 10
+
+
+def test_a_new_anchor_replaces_a_predicted_period_instead_of_overlapping_it(connection) -> None:
+    user, customer, subscription_id = subscribed_user(connection)
+    before_end = PERIOD_END - timedelta(minutes=2)
+    metered(connection, user, before_end, 600, before_end)  # reaches into the predicted next period
+    assert len(period_usage(connection, user)) == 3  # March (free), Stripe's period, the predicted next one
+    anchor = PERIOD_END - timedelta(minutes=1)
+    updated = stripe_event(
+        "customer.subscription.updated",
+        subscription(subscription_id, customer, price_object=price("price_premium"), start=anchor,
+                     end=anchor + timedelta(days=30)),
+        ts(anchor),
+    )  # fmt: skip
+    assert deliver(connection, updated, anchor).outcome == "applied"
+    usage = period_usage(connection, user)
+    for (_, end, _), (next_start, _, _) in itertools.pairwise(usage):
+        assert end <= next_start, usage  # no two periods overlap
+    assert [(start, ms) for start, _, ms in usage if ms] == [(PERIOD_START, 60_000), (anchor, 540_000)]
+    assert (anchor, anchor + timedelta(days=30), 540_000) in usage
+    assert row(connection, user).plan_type == "premium"
+
+
+def test_an_update_for_a_period_that_ended_before_the_reset_ran_changes_the_state(connection) -> None:
+    user, customer, subscription_id = subscribed_user(connection)
+    after_end = PERIOD_END + timedelta(minutes=1)  # the reset has not run yet
+    updated = stripe_event(
+        "customer.subscription.updated",
+        subscription(subscription_id, customer, cancel_at_period_end=True),
+        ts(PERIOD_END - timedelta(minutes=1)),
+    )
+    assert deliver(connection, updated, after_end).outcome == "applied"
+    assert row(connection, user).cancel_at_period_end is True

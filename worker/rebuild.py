@@ -299,6 +299,7 @@ _PERIODS_IN_RANGE = sa.text(
     """
     SELECT id, user_id::text AS user_id, period_start, period_end, used_ms, limit_ms FROM usage_periods
     WHERE period_start < :end AND period_end > :start
+      AND (CAST(:user_ids AS uuid[]) IS NULL OR user_id = ANY(CAST(:user_ids AS uuid[])))
     ORDER BY id
     FOR UPDATE
     """
@@ -357,8 +358,16 @@ def _period_totals(conn: Connection, rows: list[Any]) -> dict[int, int]:
     return used
 
 
-def _rebuild_periods(conn: Connection, report: Report, now: datetime) -> None:
-    rows = conn.execute(_PERIODS_IN_RANGE, {"start": report.start, "end": report.end}).all()
+def recount_periods(conn: Connection, user_ids: list[str], start: datetime, end: datetime, now: datetime) -> Report:
+    """Recompute from the ledger the totals of these users' periods overlapping [start, end), and their
+    subscriptions' views of them: after period bounds moved, usage follows the time it happened."""
+    report = Report(start, end)
+    _rebuild_periods(conn, report, now, user_ids)
+    return report
+
+
+def _rebuild_periods(conn: Connection, report: Report, now: datetime, user_ids: list[str] | None = None) -> None:
+    rows = conn.execute(_PERIODS_IN_RANGE, {"start": report.start, "end": report.end, "user_ids": user_ids}).all()
     report.periods_checked = len(rows)
     if not rows:
         return

@@ -36,7 +36,7 @@ import stripe
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.engine import Connection, Row
 
-from worker import db, metrics, periods, quota
+from worker import db, metrics, periods, quota, rebuild
 from worker.celery_app import app
 from worker.config import PLAN_TYPES, settings
 from worker.dead_letters import MAX_REASON_CHARS, AfterCommit, Letter, Rejected, record, replayer, storable
@@ -377,11 +377,20 @@ _CALENDAR_MONTH = sa.text(
     """
 )
 
-# The period that contains a new period's start ends there, so periods never overlap.
+# The period that contains a new period's start ends there, and predicted periods that start inside
+# the new one go (usage rows do not point at periods: the recount puts their usage where it belongs), so
+# periods never overlap.
 _CUT_PERIOD = sa.text(
     """
     UPDATE usage_periods SET period_end = :start
     WHERE user_id = :user_id AND period_start < :start AND period_end > :start
+    """
+)
+_DROP_OVERLAPPED_PERIODS = sa.text(
+    """
+    DELETE FROM usage_periods
+    WHERE user_id = :user_id AND archived_at IS NULL AND period_start > :start AND period_start < :end
+    RETURNING period_end
     """
 )
 
@@ -392,13 +401,21 @@ def _move_period(conn: Connection, row: Row, start: datetime, end: datetime, pla
     floor = row.current_period_end if row.current_period_end <= now else row.current_period_start
     if end <= floor:  # Stripe's period is already behind us: only the plan changes
         start, end = row.current_period_start, row.current_period_end
-    start = max(start, floor)
+    else:
+        start = max(start, floor)
     current = (row.current_period_start, row.current_period_end, row.plan_type, row.monthly_minutes_limit)
     if (start, end, plan.plan, plan.monthly_minutes) == current:
         return
+    user_id = str(row.user_id)
     conn.execute(_CUT_PERIOD, {"user_id": row.user_id, "start": start})
-    move = periods.PeriodStart(str(row.user_id), start, end, plan.plan, plan.monthly_minutes)
-    periods.move_to_periods(conn, [move], now, authoritative=True)
+    dropped_ends = conn.execute(_DROP_OVERLAPPED_PERIODS, {"user_id": row.user_id, "start": start, "end": end})
+    last = max([end, *dropped_ends.scalars()])
+    periods.move_to_periods(conn, [periods.PeriodStart(user_id, start, end, plan.plan, plan.monthly_minutes)], now,
+                            authoritative=True)  # fmt: skip
+    periods.ensure_periods(conn, {user_id: periods.Span(start, last)}, now)  # no usage left without a period
+    rebuild.recount_periods(
+        conn, [user_id], min(start, row.current_period_start), max(last, row.current_period_end), now
+    )
 
 
 def _apply_subscription_state(conn: Connection, cause: Cause, row: Row, subscription: dict, now: datetime) -> Effect:
