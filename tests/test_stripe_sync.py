@@ -839,3 +839,22 @@ def test_an_update_for_a_period_that_ended_before_the_reset_ran_changes_the_stat
     )
     assert deliver(connection, updated, after_end).outcome == "applied"
     assert row(connection, user).cancel_at_period_end is True
+
+
+def test_a_subscription_event_that_came_before_its_checkout_is_applied_by_the_checkout(connection) -> None:
+    user, customer, subscription_id = insert_user(connection), new_id("cus"), new_id("sub")
+    created = stripe_event(
+        "customer.subscription.created",
+        subscription(subscription_id, customer, price_object=price("price_premium")),
+        ts(PERIOD_START),
+    )
+    assert deliver(connection, created, PERIOD_START).outcome == "dead_lettered"
+    (letter,) = letters(connection, created["id"])
+    assert letter.reason.startswith("no user for Stripe customer")
+    checkout = stripe_event("checkout.session.completed", checkout_session(customer, subscription_id, user), ts(NOW))
+    assert deliver(connection, checkout).outcome == "applied"
+    subscription_row = row(connection, user)
+    assert (subscription_row.plan_type, subscription_row.stripe_subscription_id) == ("premium", subscription_id)
+    (letter,) = letters(connection, created["id"])
+    assert letter.replayed_at == NOW
+    assert inbox(connection, created["id"]).outcome == "applied"

@@ -39,7 +39,7 @@ from sqlalchemy.engine import Connection, Row
 from worker import db, metrics, periods, quota, rebuild
 from worker.celery_app import app
 from worker.config import PLAN_TYPES, settings
-from worker.dead_letters import MAX_REASON_CHARS, AfterCommit, Letter, Rejected, record, replayer, storable
+from worker.dead_letters import MAX_REASON_CHARS, AfterCommit, Letter, Rejected, record, replay, replayer, storable
 from worker.logs import get_logger
 from worker.tables import profiles, stripe_events, subscriptions, usage_periods
 
@@ -563,7 +563,31 @@ def on_checkout_completed(conn: Connection, cause: Cause, session: dict, now: da
         .where(subscriptions.c.user_id == row.user_id)
         .values(stripe_customer_id=customer or row.stripe_customer_id, stripe_subscription_id=subscription_id)
     )
+    _replay_letters_of_customer(conn, customer, now)
     return Effect("applied", user_id)
+
+
+# Stripe sends customer.subscription.created and invoice.paid of a Checkout about when it sends
+# checkout.session.completed, often first: those were dead-lettered for want of a user, and the link
+# that checkout makes is their fix.
+_LETTERS_OF_CUSTOMER = sa.text(
+    """
+    SELECT d.id FROM dead_letters d JOIN stripe_events e ON e.id = d.ref
+    WHERE d.source = 'stripe' AND d.replayed_at IS NULL AND e.payload -> 'data' -> 'object' ->> 'customer' = :customer
+    ORDER BY e.created, d.id
+    """
+)
+
+
+def _replay_letters_of_customer(conn: Connection, customer: str | None, now: datetime) -> None:
+    if customer is None:
+        return
+    for letter_id in conn.execute(_LETTERS_OF_CUSTOMER, {"customer": customer}).scalars():
+        try:
+            result = replay(conn, letter_id, now)
+        except LookupError:  # being replayed by someone else right now
+            continue
+        db.after_commit(result.after_commit)
 
 
 HANDLERS = {
