@@ -520,7 +520,14 @@ def test_an_unknown_customer_is_dead_lettered_and_replays_once_linked(connection
     (letter,) = letters(connection, event["id"])
     assert letter.reason.startswith("no user for Stripe customer cus_orphan")
 
-    deliver(connection, stripe_event("checkout.session.completed", checkout_session("cus_orphan", None, user), 6))
+    assert dead_letters.replay(connection, letter.id, NOW).reason.startswith("no user for Stripe customer cus_orphan")
+    connection.execute(  # an operator ties the customer to the user by hand
+        sa.text(
+            "INSERT INTO subscriptions (user_id, stripe_customer_id, current_period_start, current_period_end,"
+            " reset_date) VALUES (:u, 'cus_orphan', :start, :end, :end)"
+        ),
+        {"u": user, "start": MARCH[0], "end": MARCH[1]},
+    )
     assert dead_letters.replay(connection, letter.id, NOW).reason is None
     assert (row(connection, user).plan_type, row(connection, user).stripe_subscription_id) == ("standard", "sub_orphan")
     # Replaying again (or a second letter of one event) applies nothing twice.
