@@ -13,11 +13,13 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
+from itertools import pairwise
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from worker.config import settings
+from worker.sqlarrays import array_literal
 
 MAX_PERIOD_STEPS = 120  # a reset years late still ends; each step is one statement for all users
 
@@ -99,12 +101,12 @@ _EXTEND_PERIODS = sa.text(
 )
 
 
-def _span_params(spans: Mapping[str, Span]) -> dict[str, list]:
+def _span_params(spans: Mapping[str, Span]) -> dict[str, str]:
     user_ids = sorted(spans)
     return {
-        "user_ids": user_ids,
-        "firsts": [spans[user_id].first for user_id in user_ids],
-        "lasts": [spans[user_id].last for user_id in user_ids],
+        "user_ids": array_literal(user_ids),
+        "firsts": array_literal(spans[user_id].first for user_id in user_ids),
+        "lasts": array_literal(spans[user_id].last for user_id in user_ids),
     }
 
 
@@ -132,7 +134,8 @@ class Period:
 
 
 def periods_overlapping(conn: Connection, spans: Mapping[str, Span]) -> dict[str, list[Period]]:
-    """Each user's periods that overlap their span, in time order."""
+    """Each user's periods that overlap their span, in time order (none for a user without a
+    subscription row: `ensure_periods` gives them one first)."""
     rows = conn.execute(
         sa.text(
             """
@@ -140,6 +143,7 @@ def periods_overlapping(conn: Connection, spans: Mapping[str, Span]) -> dict[str
             FROM unnest(CAST(:user_ids AS uuid[]), CAST(:firsts AS timestamptz[]), CAST(:lasts AS timestamptz[]))
                  AS w(user_id, first_at, last_at)
             JOIN usage_periods u ON u.user_id = w.user_id AND u.period_start < w.last_at AND u.period_end > w.first_at
+            WHERE EXISTS (SELECT 1 FROM subscriptions s WHERE s.user_id = w.user_id)
             ORDER BY u.user_id, u.period_start
             """
         ),
@@ -149,6 +153,22 @@ def periods_overlapping(conn: Connection, spans: Mapping[str, Span]) -> dict[str
     for row in rows:
         periods.setdefault(row[1], []).append(Period(row[0], row[1], row[2], row[3], row[4]))
     return periods
+
+
+def uncovered(spans: Mapping[str, Span], known: Mapping[str, list[Period]]) -> dict[str, Span]:
+    """The spans that the given periods (each user's, in time order) do not cover without a gap: the
+    users for whom `ensure_periods` has work to do."""
+    missing = {}
+    for user_id, span in spans.items():
+        found = known.get(user_id)
+        if (
+            not found
+            or found[0].start > span.first
+            or found[-1].end < span.last
+            or any(earlier.end != later.start for earlier, later in pairwise(found))
+        ):
+            missing[user_id] = span
+    return missing
 
 
 def spans_of(intervals: Iterable[tuple[str, datetime, datetime]]) -> dict[str, Span]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from datetime import UTC, datetime
 from uuid import UUID
 
@@ -22,6 +22,7 @@ from worker import db, metrics
 from worker.cache import redis_client
 from worker.config import settings
 from worker.logs import get_logger
+from worker.sqlarrays import array_literal
 
 log = get_logger(__name__)
 
@@ -57,11 +58,14 @@ class Quota:
         )
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        return {name: getattr(self, name) for name in FIELDS}  # dataclasses.asdict deep-copies: 20 µs
 
     @property
     def ends_at(self) -> datetime:
         return datetime.fromisoformat(self.period_end)
+
+
+FIELDS = tuple(field.name for field in fields(Quota))
 
 
 def _seconds(ms: int) -> float:
@@ -95,7 +99,11 @@ def read(conn: Connection, user_ids: Iterable[str], now: datetime) -> dict[str, 
     """The quota of each user, from PostgreSQL. Unknown users are absent from the answer."""
     rows = conn.execute(
         _READ,
-        {"user_ids": sorted(set(user_ids)), "now": now, "free_limit_ms": settings().plan_minutes["free"] * 60_000},
+        {
+            "user_ids": array_literal(sorted(set(user_ids))),
+            "now": now,
+            "free_limit_ms": settings().plan_minutes["free"] * 60_000,
+        },
     )
     return {
         row.user_id: Quota.from_ms(row.user_id, row.plan, row.limit_ms, row.used_ms, row.period_start, row.period_end)
@@ -103,16 +111,21 @@ def read(conn: Connection, user_ids: Iterable[str], now: datetime) -> dict[str, 
     }
 
 
+# One call for a whole batch of answers: ARGV holds the TTL, then (answer, period start, usage) per key.
 _PUBLISH = """
-local current = redis.call('GET', KEYS[1])
-if current then
-  local c = cjson.decode(current)
-  local start, used = tonumber(ARGV[2]), tonumber(ARGV[3])
-  if c.v_start > start or (c.v_start == start and c.v_used > used) then return 0 end
+local ttl = tonumber(ARGV[1])
+for i, key in ipairs(KEYS) do
+  local answer, start, used = ARGV[3 * i - 1], tonumber(ARGV[3 * i]), tonumber(ARGV[3 * i + 1])
+  local current = redis.call('GET', key)
+  local newer = false
+  if current then
+    local c = cjson.decode(current)
+    newer = c.v_start > start or (c.v_start == start and c.v_used > used)
+  end
+  if not newer then redis.call('SET', key, answer, 'EX', ttl) end
 end
-redis.call('SET', KEYS[1], ARGV[1], 'EX', tonumber(ARGV[4]))
-return 1
 """
+PUBLISH_CHUNK = 1000  # answers per script call: one batch's users, without holding Redis for long
 
 
 def publish(quotas: Iterable[Quota]) -> None:
@@ -122,15 +135,15 @@ def publish(quotas: Iterable[Quota]) -> None:
         return
     ttl = settings().quota_cache_ttl
     try:
-        client = redis_client()
-        script = client.register_script(_PUBLISH)
-        with client.pipeline(transaction=False) as pipe:
-            for quota in quotas:
+        script = redis_client().register_script(_PUBLISH)
+        for first in range(0, len(quotas), PUBLISH_CHUNK):
+            chunk = quotas[first : first + PUBLISH_CHUNK]
+            args: list[str | int] = [ttl]
+            for quota in chunk:
                 start = int(datetime.fromisoformat(quota.period_start).timestamp() * 1000)
                 used = round(quota.used_seconds * 1000)
-                value = json.dumps({**quota.as_dict(), "v_start": start, "v_used": used})
-                script(keys=[KEY_PREFIX + quota.user_id], args=[value, start, used, ttl], client=pipe)
-            pipe.execute()
+                args += [json.dumps({**quota.as_dict(), "v_start": start, "v_used": used}), start, used]
+            script(keys=[KEY_PREFIX + quota.user_id for quota in chunk], args=args)
     except redis.RedisError as exc:
         log.warning("quota_publish_failed", users=len(quotas), error=str(exc))
 
