@@ -27,13 +27,16 @@ TASK_MODULES = ["worker.tasks.metering", "worker.tasks.stripe", "worker.tasks.ma
 
 def redis_transport_options(visibility_timeout: int) -> dict[str, int]:
     """Kombu's Redis options: abandoned messages are looked for every tenth of the visibility timeout
-    (at most every 100 s, kombu's default), so a short timeout also means a quick redelivery."""
+    (at most every 100 s, kombu's default), so a short timeout also means a quick redelivery. The lock
+    that one sweep holds expires with the timeout too (at most kombu's 300 s), or a worker killed in the
+    middle of a sweep would hold every redelivery back for five minutes."""
     sweep_every = max(1, min(100, visibility_timeout // 10))  # seconds
     interval = min(10, sweep_every)
     return {
         "visibility_timeout": visibility_timeout,
         "unacked_restore_interval": interval,
         "unacked_restore_throttle": -(-sweep_every // interval),  # ceiling division
+        "unacked_mutex_expire": max(5, min(300, visibility_timeout)),  # seconds
     }
 
 

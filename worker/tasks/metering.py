@@ -89,10 +89,14 @@ class CoalescingBatches(Batches):
                 else:  # the events were neither applied nor re-queued: deliver them again
                     request.reject(requeue=True)
 
+        def on_pool_process_lost(_error: Any) -> None:
+            on_return(False)  # at once, rather than after the visibility timeout
+
         return self._pool.apply_async(
             _run_flush,
             (self, [SimpleRequest.from_request(r) for r in requests]),
             callback=on_return,
+            error_callback=on_pool_process_lost,
         )
 
 
