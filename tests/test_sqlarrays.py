@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta, timezone
 
 import sqlalchemy as sa
 
-from worker.sqlarrays import array_literal
+from worker.sqlarrays import array_literal, bare_array, time_array
 
 AWKWARD = ["plain", 'quote " inside', "back\\slash", "comma, brace { } [ ]", "NULL", "null", " spaced ", "", "é 日本"]
 
@@ -33,3 +33,26 @@ def test_datetimes_keep_their_instant_to_the_microsecond(connection) -> None:
 
 def test_an_empty_list_is_an_empty_array(connection) -> None:
     assert connection.execute(sa.text("SELECT CAST(:a AS uuid[])"), {"a": array_literal([])}).scalar_one() == []
+
+
+def test_bare_arrays_of_numbers_and_uuids_round_trip(connection) -> None:
+    ids = ["0d8b7f6c-4f7e-4f43-9a39-8a0c8f0e1e21", "5B0F9C2E-2D1C-4A8E-9F55-1C1F0F7B9D10"]
+    back = connection.execute(
+        sa.text("SELECT CAST(:u AS uuid[])::text[], CAST(:n AS bigint[])"),
+        {"u": bare_array(ids), "n": bare_array([0, -1, 3_600_000])},
+    ).one()
+    assert back == ([value.lower() for value in ids], [0, -1, 3_600_000])
+
+
+def test_bare_arrays_quote_whatever_is_not_a_number_or_uuid(connection) -> None:
+    for values in (["", "a"], [""], ["NULL"], ["null", "1"], ["a,b"], ["x y"], AWKWARD):
+        back = connection.execute(sa.text("SELECT CAST(:a AS text[])"), {"a": bare_array(values)}).scalar_one()
+        assert back == values
+    assert connection.execute(sa.text("SELECT CAST(:a AS int[])"), {"a": bare_array([])}).scalar_one() == []
+
+
+def test_time_arrays_keep_the_instant(connection) -> None:
+    moments = [datetime(2027, 1, 1, tzinfo=UTC), datetime(2026, 12, 31, 23, 59, 59, 999_000, tzinfo=UTC)]
+    assert connection.execute(sa.text("SELECT CAST(:a AS timestamptz[])"), {"a": time_array(moments)}).scalar_one() == (
+        moments
+    )

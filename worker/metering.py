@@ -30,7 +30,7 @@ from sqlalchemy.engine import Connection
 from worker import periods, quota
 from worker.config import settings
 from worker.dead_letters import Letter, Rejected, record, replayer, storable_text
-from worker.sqlarrays import array_literal
+from worker.sqlarrays import array_literal, bare_array, time_array
 
 MAX_BATCH_EVENTS = 1000
 HOUR_MS = 3_600_000
@@ -43,6 +43,7 @@ RFC3339 = re.compile(r"^(\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2})(?:\.(\d{1,9}))
 CANONICAL_UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")  # as str(UUID) writes it
 LANGUAGE = re.compile(r"^[a-z]{2,3}(?:-[A-Za-z0-9]{2,8})*$")
 FEATURE = re.compile(r"^[a-z][a-z0-9_.:-]{0,63}$")
+JSON_PLAIN_KEY = re.compile(r"^[A-Za-z0-9_.:-]*$")  # nothing JSON escapes
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,7 +218,16 @@ def hourly_totals(events: Iterable[UsageEvent]) -> dict[tuple[str, int], HourTot
 
 
 def seconds_json(ms_by_key: dict[str, int]) -> str:
-    return json.dumps({key: ms / 1000 if ms % 1000 else ms // 1000 for key, ms in sorted(ms_by_key.items())})
+    return numbers_json({key: ms / 1000 if ms % 1000 else ms // 1000 for key, ms in ms_by_key.items()})
+
+
+def numbers_json(numbers: dict[str, int | float]) -> str:
+    """A JSON object of numbers, keys sorted, as json.dumps writes it. Keys are language codes and
+    feature names, which validation limits to characters JSON never escapes, so the object is written
+    directly (a third of json.dumps's 2 µs, twice per usage_tracking row); any other key takes json.dumps."""
+    if not all(map(JSON_PLAIN_KEY.match, numbers)):
+        return json.dumps(dict(sorted(numbers.items())))
+    return "{" + ", ".join(f'"{key}": {numbers[key]!r}' for key in sorted(numbers)) + "}"
 
 
 # -- applying a batch ------------------------------------------------------------------------------------
@@ -244,7 +254,7 @@ class Outcome:
 def known_users(conn: Connection, user_ids: Iterable[str]) -> set[str]:
     rows = conn.execute(
         sa.text("SELECT id::text FROM profiles WHERE id = ANY(CAST(:ids AS uuid[]))"),
-        {"ids": array_literal(sorted(set(user_ids)))},
+        {"ids": bare_array(sorted(set(user_ids)))},
     )
     return set(rows.scalars())
 
@@ -272,9 +282,9 @@ def _insert_ledger(conn: Connection, events: list[UsageEvent], now: datetime) ->
         {
             "now": now,
             "event_ids": array_literal(e.event_id for e in events),
-            "user_ids": array_literal(e.user_id for e in events),
-            "started": array_literal(e.started_at for e in events),
-            "durations": array_literal(e.duration_ms for e in events),
+            "user_ids": bare_array([e.user_id for e in events]),
+            "started": time_array(e.started_at for e in events),
+            "durations": bare_array([e.duration_ms for e in events]),
             "languages": array_literal(e.language for e in events),
             "conversations": array_literal(e.conversation_id for e in events),
             "features": array_literal(e.feature for e in events),
@@ -303,9 +313,9 @@ def _new_conversation_counts(conn: Connection, totals: dict[tuple[str, int], Hou
     rows = conn.execute(
         _NEW_HOUR_CONVERSATIONS,
         {
-            "user_ids": array_literal(k[0] for k in keys),
-            "hours": array_literal(to_datetime(k[1]) for k in keys),
-            "conversations": array_literal(k[2] for k in keys),
+            "user_ids": bare_array([k[0] for k in keys]),
+            "hours": time_array(to_datetime(k[1]) for k in keys),
+            "conversations": bare_array([k[2] for k in keys]),
         },
     )
     for user_id, hour_start in rows:
@@ -380,13 +390,13 @@ def write_tracking(
         _REPLACE_TRACKING if replace else _ADD_TO_TRACKING,
         {
             "now": now,
-            "user_ids": array_literal(user for user, _ in keys),
-            "hours": array_literal(to_datetime(hour) for _, hour in keys),
-            "ms": array_literal(totals[k].microphone_ms for k in keys),
-            "messages": array_literal(totals[k].message_count for k in keys),
-            "conversations": array_literal(conversation_counts.get(k, 0) for k in keys),
+            "user_ids": bare_array([user for user, _ in keys]),
+            "hours": time_array(to_datetime(hour) for _, hour in keys),
+            "ms": bare_array([totals[k].microphone_ms for k in keys]),
+            "messages": bare_array([totals[k].message_count for k in keys]),
+            "conversations": bare_array([conversation_counts.get(k, 0) for k in keys]),
             "languages": array_literal(seconds_json(totals[k].language_ms) for k in keys),
-            "features": array_literal(json.dumps(dict(sorted(totals[k].feature_counts.items()))) for k in keys),
+            "features": array_literal(numbers_json(totals[k].feature_counts) for k in keys),
         },
     )
 
@@ -451,7 +461,7 @@ def _add_to_periods(conn: Connection, events: list[UsageEvent], now: datetime) -
             if ms:
                 added[period.id] += ms
     ids = sorted(added)
-    rows = conn.execute(_ADD_TO_PERIODS, {"ids": array_literal(ids), "ms": array_literal(added[i] for i in ids)}).all()
+    rows = conn.execute(_ADD_TO_PERIODS, {"ids": bare_array(ids), "ms": bare_array([added[i] for i in ids])}).all()
     crossed = sorted(
         (row.user_id, row.period_start, threshold, row.used_ms, row.limit_ms)
         for row in rows
@@ -470,10 +480,10 @@ def _add_to_periods(conn: Connection, events: list[UsageEvent], now: datetime) -
         _MARK_SUBSCRIPTIONS,
         {
             "now": now,
-            "user_ids": array_literal(row.user_id for row in rows),
-            "starts": array_literal(row.period_start for row in rows),
-            "used": array_literal(row.used_ms for row in rows),
-            "limits": array_literal(row.limit_ms for row in rows),
+            "user_ids": bare_array([row.user_id for row in rows]),
+            "starts": time_array(row.period_start for row in rows),
+            "used": bare_array([row.used_ms for row in rows]),
+            "limits": bare_array([row.limit_ms for row in rows]),
         },
     )
 

@@ -19,7 +19,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from worker.config import settings
-from worker.sqlarrays import array_literal
+from worker.sqlarrays import bare_array, time_array
 
 MAX_PERIOD_STEPS = 120  # a reset years late still ends; each step is one statement for all users
 
@@ -104,9 +104,9 @@ _EXTEND_PERIODS = sa.text(
 def _span_params(spans: Mapping[str, Span]) -> dict[str, str]:
     user_ids = sorted(spans)
     return {
-        "user_ids": array_literal(user_ids),
-        "firsts": array_literal(spans[user_id].first for user_id in user_ids),
-        "lasts": array_literal(spans[user_id].last for user_id in user_ids),
+        "user_ids": bare_array(user_ids),
+        "firsts": time_array(spans[user_id].first for user_id in user_ids),
+        "lasts": time_array(spans[user_id].last for user_id in user_ids),
     }
 
 

@@ -8,6 +8,7 @@ replace a newer answer with an older one (two batches may commit in one order an
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass, fields
@@ -22,7 +23,7 @@ from worker import db, metrics
 from worker.cache import redis_client
 from worker.config import settings
 from worker.logs import get_logger
-from worker.sqlarrays import array_literal
+from worker.sqlarrays import bare_array
 
 log = get_logger(__name__)
 
@@ -53,8 +54,8 @@ class Quota:
             used_seconds=_seconds(used_ms),
             remaining_seconds=_seconds(max(limit_ms - used_ms, 0)),
             blocked=used_ms >= limit_ms,
-            period_start=start.astimezone(UTC).isoformat(),
-            period_end=end.astimezone(UTC).isoformat(),
+            period_start=_utc_iso(start),
+            period_end=_utc_iso(end),
         )
 
     def as_dict(self) -> dict:
@@ -66,6 +67,12 @@ class Quota:
 
 
 FIELDS = tuple(field.name for field in fields(Quota))
+
+
+@functools.lru_cache(maxsize=4096)
+def _utc_iso(moment: datetime) -> str:
+    """A period bound in UTC ISO 8601; a batch's users share a few bounds, so each is formatted once."""
+    return moment.astimezone(UTC).isoformat()
 
 
 def _seconds(ms: int) -> float:
@@ -100,7 +107,7 @@ def read(conn: Connection, user_ids: Iterable[str], now: datetime) -> dict[str, 
     rows = conn.execute(
         _READ,
         {
-            "user_ids": array_literal(sorted(set(user_ids))),
+            "user_ids": bare_array(sorted(set(user_ids))),
             "now": now,
             "free_limit_ms": settings().plan_minutes["free"] * 60_000,
         },
