@@ -385,25 +385,40 @@ def write_tracking(
     replace: bool = False,
 ) -> None:
     """Add (or, with `replace`, set) hourly totals in usage_tracking, one statement in key order."""
+    rows = _tracking_rows(totals, now)
+    _write_tracking_rows(conn, rows, conversation_counts, replace)
+
+
+@dataclass
+class TrackingRows:
+    """The usage_tracking statement's arrays, all but the conversation counts (known only once the
+    conversations are inserted), in key order."""
+
+    keys: list[tuple[str, int]]
+    params: dict[str, Any]
+
+
+def _tracking_rows(totals: dict[tuple[str, int], HourTotals], now: datetime) -> TrackingRows:
     keys = sorted(totals)
-    conn.execute(
-        _REPLACE_TRACKING if replace else _ADD_TO_TRACKING,
+    return TrackingRows(
+        keys,
         {
             "now": now,
             "user_ids": bare_array([user for user, _ in keys]),
             "hours": time_array(to_datetime(hour) for _, hour in keys),
             "ms": bare_array([totals[k].microphone_ms for k in keys]),
             "messages": bare_array([totals[k].message_count for k in keys]),
-            "conversations": bare_array([conversation_counts.get(k, 0) for k in keys]),
             "languages": array_literal(seconds_json(totals[k].language_ms) for k in keys),
             "features": array_literal(numbers_json(totals[k].feature_counts) for k in keys),
         },
     )
 
 
-def _add_to_tracking(conn: Connection, events: list[UsageEvent], now: datetime) -> None:
-    totals = hourly_totals(events)
-    write_tracking(conn, totals, _new_conversation_counts(conn, totals), now)
+def _write_tracking_rows(
+    conn: Connection, rows: TrackingRows, conversation_counts: dict[tuple[str, int], int], replace: bool = False
+) -> None:
+    conversations = bare_array([conversation_counts.get(k, 0) for k in rows.keys])
+    conn.execute(_REPLACE_TRACKING if replace else _ADD_TO_TRACKING, {**rows.params, "conversations": conversations})
 
 
 _ADD_TO_PERIODS = sa.text(
@@ -446,13 +461,24 @@ _MARK_SUBSCRIPTIONS = sa.text(
 ALERT_THRESHOLDS = (80, 100)  # percent of the period's limit
 
 
-def _add_to_periods(conn: Connection, events: list[UsageEvent], now: datetime) -> None:
+@dataclass
+class PeriodUsage:
+    """What a batch adds to each period row (by id), and the users whose periods do not exist yet."""
+
+    added: dict[int, int]
+    missing: dict[str, periods.Span]
+
+
+def _period_usage(conn: Connection, events: list[UsageEvent]) -> PeriodUsage:
+    """Read the periods the events fall in (no lock) and split the usage between them; users whose
+    periods do not cover their usage yet are left to `_add_to_periods`, which creates the periods."""
     spans = periods.spans_of((e.user_id, e.started_at, to_datetime(e.ended_ms)) for e in events)
     by_user = periods.periods_overlapping(conn, spans)
     missing = periods.uncovered(spans, by_user)
-    if missing:  # a user's first usage, or usage beyond the periods known so far: three more statements
-        periods.ensure_periods(conn, missing, now)
-        by_user.update(periods.periods_overlapping(conn, missing))
+    return PeriodUsage(_split_by_period([e for e in events if e.user_id not in missing], by_user), missing)
+
+
+def _split_by_period(events: list[UsageEvent], by_user: dict[str, list[periods.Period]]) -> dict[int, int]:
     bounds = {period.id: (to_ms(period.start), to_ms(period.end)) for found in by_user.values() for period in found}
     added: dict[int, int] = defaultdict(int)
     for event in events:
@@ -460,6 +486,15 @@ def _add_to_periods(conn: Connection, events: list[UsageEvent], now: datetime) -
             ms = overlap_ms(event, *bounds[period.id])
             if ms:
                 added[period.id] += ms
+    return added
+
+
+def _add_to_periods(conn: Connection, usage: PeriodUsage, events: list[UsageEvent], now: datetime) -> None:
+    added = usage.added
+    if usage.missing:  # a user's first usage, or usage beyond the periods known so far: four more statements
+        periods.ensure_periods(conn, usage.missing, now)
+        by_user = periods.periods_overlapping(conn, usage.missing)
+        added = {**added, **_split_by_period([e for e in events if e.user_id in usage.missing], by_user)}
     ids = sorted(added)
     rows = conn.execute(_ADD_TO_PERIODS, {"ids": bare_array(ids), "ms": bare_array([added[i] for i in ids])}).all()
     crossed = sorted(
@@ -540,8 +575,14 @@ def apply_events(
     outcome.accepted = [event.event_id for event in new_events]
     outcome.duplicates += [event.event_id for event in events if event.event_id not in new_ids]
     if new_events:
-        _add_to_tracking(conn, new_events, now)
-        _add_to_periods(conn, new_events, now)
+        # All that takes no row lock comes first: batches that share users wait for each other from the
+        # first row one locks (the conversations, then usage_tracking) until its commit, so that stretch
+        # holds only the writes themselves.
+        totals = hourly_totals(new_events)
+        tracking = _tracking_rows(totals, now)
+        usage = _period_usage(conn, new_events)
+        _write_tracking_rows(conn, tracking, _new_conversation_counts(conn, totals))
+        _add_to_periods(conn, usage, new_events, now)
         outcome.quotas = quota.read(conn, {event.user_id for event in new_events}, now)
     if dead_letter:
         record(
