@@ -38,6 +38,7 @@ class Result:
     latency_rate: float | None = None  # events/s offered during the latency run
     memory: harness.MemoryPeaks | None = None
     transaction_seconds_per_event: float | None = None  # a database connection's time per event
+    events_per_transaction: float | None = None
     note: str = ""
 
     @property
@@ -133,17 +134,22 @@ def check_totals(name: str, added: Totals, stream: Stream, periods: bool = True)
         raise AssertionError(f"{name}: the database does not match the events sent (found, expected): {wrong}")
 
 
-def worker_transaction_seconds_per_event(metrics_dir: str) -> float | None:
-    """From the workers' Prometheus files: seconds spent in metering transactions per event applied."""
+def worker_transactions(metrics_dir: str) -> tuple[float | None, float | None]:
+    """From the workers' Prometheus files: (seconds in metering transactions per event, events per
+    transaction)."""
     registry = CollectorRegistry()
     MultiProcessCollector(registry, path=metrics_dir)
-    sums: dict[str, float] = {}
+    wanted = ("worldspeak_usage_commit_seconds_sum", "worldspeak_usage_batch_events_sum",
+              "worldspeak_usage_batch_events_count")  # fmt: skip
+    sums = dict.fromkeys(wanted, 0.0)
     for metric in registry.collect():
         for sample in metric.samples:
-            if sample.name in ("worldspeak_usage_commit_seconds_sum", "worldspeak_usage_batch_events_sum"):
-                sums[sample.name] = sums.get(sample.name, 0.0) + sample.value
-    events = sums.get("worldspeak_usage_batch_events_sum")
-    return sums["worldspeak_usage_commit_seconds_sum"] / events if events else None
+            if sample.name in sums:
+                sums[sample.name] += sample.value
+    events, transactions = sums["worldspeak_usage_batch_events_sum"], sums["worldspeak_usage_batch_events_count"]
+    if not transactions:
+        return None, None
+    return sums["worldspeak_usage_commit_seconds_sum"] / events, events / transactions
 
 
 # -- Celery paths ------------------------------------------------------------------------------------------
@@ -176,7 +182,7 @@ def celery_path(
             cpu = harness.machine_cpu_seconds() - cpu_start
             finished = max(completions.done[event_id] for event_id in expected)
             result = Result(name, len(expected), finished - completions.ready_at, cpu, account.spent())
-            result.transaction_seconds_per_event = _transactions(context)
+            _count_transactions(result, context)
             if stream is not None:
                 check_totals(name, totals().minus(before), stream)
             _measure_latency(result, paced, completions, stream, paced_stream)
@@ -186,8 +192,9 @@ def celery_path(
     return result
 
 
-def _transactions(context: Context) -> float | None:
-    return worker_transaction_seconds_per_event(context.env["PROMETHEUS_MULTIPROC_DIR"])
+def _count_transactions(result: Result, context: Context) -> None:
+    per_event, per_transaction = worker_transactions(context.env["PROMETHEUS_MULTIPROC_DIR"])
+    result.transaction_seconds_per_event, result.events_per_transaction = per_event, per_transaction
 
 
 def _measure_latency(
@@ -262,7 +269,7 @@ def http_path(context: Context, stream: Stream, paced_stream: Stream, threads: i
             first_post = min(published.values())
             finished = max(completions.done[event_id] for event_id in stream.unique_ids)
             result = Result("http", len(stream.unique_ids), finished - first_post, cpu, account.spent())
-            result.transaction_seconds_per_event = _transactions(context)
+            _count_transactions(result, context)
             check_totals("http", totals().minus(before), stream)
             before = totals()
             result.latency_rate = LATENCY_RATE_FRACTION * result.rate

@@ -20,7 +20,7 @@ import sys
 import tempfile
 import time
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -47,8 +47,12 @@ class Sizes:
 FULL = Sizes(20_000, 50_000, 200_000, 100_000, 5_000, 100_000, 0.25, 10_000, 50_000,
              (10_000, 100_000, 1_000_000), (1_000, 100_000))  # fmt: skip
 QUICK = Sizes(3_000, 5_000, 20_000, 10_000, 1_000, 20_000, 0.5, 2_000, 10_000, (10_000, 100_000), (1_000, 10_000))
-USERS = 1_000  # users of the main runs
+# Users of the main runs (--users): at 25,000 events/s, 10,000 users speak 2.5 events a second each, so
+# two concurrent batches share some users, as they would in production; the scaling runs show 1,000
+# (every batch shares most of its users with the one beside it) and 100,000.
+USERS = 10_000
 LOAD_AT_START = os.getloadavg()
+FULL_FLUSH_INTERVAL = 1.0  # seconds: single events coalesced until 1,000 or this long
 DUPLICATES = 0.02  # the single, batch and HTTP streams send this fraction of their events twice
 
 
@@ -56,6 +60,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run of a minute or two")
     parser.add_argument("--concurrency", type=int, default=2, help="prefork processes per worker (default 2)")
+    parser.add_argument("--users", type=int, default=USERS, help=f"users of the main runs (default {USERS:,})")
     parser.add_argument("--skip-scaling", action="store_true", help="leave out the ledger and user scaling runs")
     parser.add_argument("--only", help="comma-separated main runs: noop,single,batch,http,naive,postgresql")
     parser.add_argument("--output", type=Path, default=RESULTS, help="where the results go (bench/RESULTS.md)")
@@ -128,7 +133,7 @@ def main_run(env: dict[str, str], log_dir: Path, run_id: str, args: argparse.Nam
 
     now = datetime.now(UTC)
     started = time.monotonic()
-    users = data.create_users(USERS, now)
+    users = data.create_users(args.users, now)
     context = phases.Context(env, log_dir, env["REDIS_URL"], run_id, args.concurrency,
                              f"http://127.0.0.1:{env['PORT']}")  # fmt: skip
     only = set(args.only.split(",")) if args.only else None
@@ -154,6 +159,12 @@ def main_run(env: dict[str, str], log_dir: Path, run_id: str, args: argparse.Nam
         backlog, later = stream("single", sizes.single), stream("single-paced", paced(sizes.single))
         results["single"] = phases.celery_path(context, "single", phases.single_messages(backlog),
                                                phases.single_messages(later), backlog, later)  # fmt: skip
+        # The same path where the broker is not the limit: flushes wait up to a second, so they fill to
+        # 1,000 events at the rate the broker delivers, as they would from a faster broker at 50 ms.
+        full = stream("single-full", sizes.single)
+        filled = replace(context, env={**context.env, "USAGE_FLUSH_INTERVAL": str(FULL_FLUSH_INTERVAL)})
+        results["single_full"] = phases.celery_path(filled, "single-full", phases.single_messages(full), [], full,
+                                                    None)  # fmt: skip
     if wanted("batch"):
         print("batch path: metering.record_usage_batch", flush=True)
         backlog, later = stream("batch", sizes.batch), stream("batch-paced", paced(sizes.batch))
@@ -265,6 +276,7 @@ def _ms(value: float | None) -> str:
 LABELS = {
     "noop": "1 Celery ceiling: no-op task, one message each",
     "single": "2 single-event path `metering.record_usage`",
+    "single_full": f"2 the same, flushes filled (`USAGE_FLUSH_INTERVAL={FULL_FLUSH_INTERVAL:g}`)",
     "batch": "3 batch path `metering.record_usage_batch` (1,000 a message)",
     "http": "3 HTTP path `POST /v1/usage-events` (1,000 a request)",
     "naive": "4 naive baseline: a transaction per event",
@@ -285,9 +297,14 @@ def _table(results: dict) -> list[str]:
         lines.append(
             f"| {LABELS[name]} | {result.events:,} | **{result.rate:,.0f}** | {result.latency_ms(0.5):.1f} "
             f"| {result.latency_ms(0.99):.1f} | {offered} | {result.cpu_ms_per_event:.3f} | {result.cpu_split()} "
-            f"| {result.machine_cpu_ms_per_event:.3f} | {_ms(1000 * transaction if transaction else None)} | {memory} |"
+            f"| {result.machine_cpu_ms_per_event:.3f} | {_ms(1000 * transaction if transaction else None)}"
+            f"{_per_transaction(result)} | {memory} |"
         )
     return lines
+
+
+def _per_transaction(result: Any) -> str:
+    return f" ({result.events_per_transaction:,.0f} a transaction)" if result.events_per_transaction else ""
 
 
 def _verdict(met: bool) -> str:
@@ -312,15 +329,24 @@ def _targets(results: dict, lookups: list[float], scaling: list[dict]) -> list[s
         ratio = single.rate / noop.rate
         lines.append(f"- single-event path >= 70 % of the Celery ceiling: {single.rate:,.0f} / {noop.rate:,.0f} = "
                      f"{100 * ratio:.0f} % — {_verdict(ratio >= 0.7)}")  # fmt: skip
-    if single and naive_run and single.transaction_seconds_per_event:
-        by_connection = naive_run.transaction_seconds_per_event / single.transaction_seconds_per_event
-        by_cpu = naive_run.cpu_ms_per_event / single.cpu_ms_per_event
-        lines.append(
-            f"- naive cost per event / single-event path cost per event >= 10, where the broker is not the limit "
-            f"(a database connection's time per event: {1000 * naive_run.transaction_seconds_per_event:.3f} ms / "
-            f"{1000 * single.transaction_seconds_per_event:.3f} ms): {by_connection:.0f}x — "
-            f"{_verdict(by_connection >= 10)}; end to end, broker included (machine CPU per event): {by_cpu:.1f}x"
+    full = results.get("single_full")
+    if naive_run and full and full.transaction_seconds_per_event:
+        naive_ms = 1000 * naive_run.transaction_seconds_per_event
+        ratio = naive_run.transaction_seconds_per_event / full.transaction_seconds_per_event
+        line = (
+            f"- the single-event path saves >= 10x the naive baseline's cost per event where the broker is not the "
+            f"limit (a database connection's time per event; flushes filled to {full.events_per_transaction:,.0f} "
+            f"events): naive {naive_ms:.3f} ms / {1000 * full.transaction_seconds_per_event:.3f} ms = {ratio:.1f}x "
+            f"— {_verdict(ratio >= 10)}"
         )
+        if single and single.transaction_seconds_per_event:
+            line += (
+                f". With 50 ms flushes at the rate this broker delivers ({single.events_per_transaction:,.0f} events "
+                f"a flush): {naive_run.transaction_seconds_per_event / single.transaction_seconds_per_event:.1f}x. "
+                f"CPU per event end to end, the broker's share included: naive {naive_run.cpu_ms_per_event:.3f} ms, "
+                f"single-event path {single.cpu_ms_per_event:.3f} ms"
+            )
+        lines.append(line)
     by_size = {(row["users"], row["ledger_target"]): row for row in scaling}
     for users in sorted({row["users"] for row in scaling}):
         sizes = sorted(size for u, size in by_size if u == users)
@@ -383,7 +409,7 @@ def write_results(path: Path, args: argparse.Namespace, sizes: Sizes, results: d
         "",
         f"Workers: `celery -A worker worker -Q usage,stripe,maintenance -l INFO`, prefork, concurrency "
         f"{args.concurrency}, the settings of `worker.celery_app` (late acks, prefetch multiplier 4). "
-        f"{USERS:,} users; events started within the last 3 hours; the single, batch and HTTP streams "
+        f"{args.users:,} users; events started within the last 3 hours; the single, batch and HTTP streams "
         f"send {100 * DUPLICATES:.0f} % of their events twice (events/s counts distinct events).",
         "",
         "## Results",
