@@ -181,3 +181,45 @@ def test_quota_check_answers_from_redis_and_after_a_flush_from_postgres(redis_cl
     assert redis_client.exists(quota.KEY_PREFIX + str(user))
     with pytest.raises(quota.UnknownUser):
         quota.check(uuid.uuid4())
+
+
+def test_a_period_that_moves_between_the_split_and_the_lock_makes_the_batch_run_again(monkeypatch) -> None:
+    now = datetime.now(UTC)
+    users = make_users(1)
+    (user,) = users
+    with db.transaction() as conn:
+        metering.apply_events(conn, [event(user, "before", now - timedelta(hours=2), 60)], now)
+    cut = now - timedelta(minutes=30)
+    late = [event(user, "across-the-cut", cut - timedelta(minutes=5), 600)]
+    read_periods = metering._period_usage
+
+    def read_then_let_stripe_cut(conn, events):
+        usage = read_periods(conn, events)
+        with db.transaction() as stripe:  # another transaction moves the period and commits first
+            stripe.execute(
+                sa.text("UPDATE usage_periods SET period_end = :cut WHERE user_id = :u"), {"cut": cut, "u": user}
+            )
+            stripe.execute(
+                sa.text(
+                    "INSERT INTO usage_periods (user_id, period_start, period_end, plan_type, monthly_minutes_limit,"
+                    " limit_ms) VALUES (:u, :cut, :end, 'premium', 3000, 180000000)"
+                ),
+                {"u": user, "cut": cut, "end": cut + timedelta(days=30)},
+            )
+        monkeypatch.setattr(metering, "_period_usage", read_periods)  # once
+        return usage
+
+    monkeypatch.setattr(metering, "_period_usage", read_then_let_stripe_cut)
+    with pytest.raises(db.StaleRead), db.transaction() as conn:
+        metering.apply_events(conn, late, now)
+    assert db.is_transient(db.StaleRead())
+    with db.transaction() as conn:  # the retry splits at the new bounds
+        assert metering.apply_events(conn, late, now).accepted == ["across-the-cut"]
+    with db.engine().connect() as conn:
+        used = dict(
+            conn.execute(
+                sa.text("SELECT period_start, used_ms FROM usage_periods WHERE user_id = :u"), {"u": user}
+            ).all()
+        )
+    assert used.pop(cut) == 300_000  # the part after the cut is in the new period
+    assert sum(used.values()) == 60_000 + 300_000

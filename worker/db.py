@@ -107,8 +107,14 @@ TRANSIENT_SQLSTATES = {
 }
 
 
+class StaleRead(Exception):
+    """Rows read without a lock changed before they were locked: the same work, run again, succeeds."""
+
+
 def is_transient(exc: BaseException) -> bool:
-    """Whether a database error is worth retrying (deadlock, serialization, lost connection)."""
+    """Whether a database error is worth retrying (deadlock, serialization, lost connection, stale read)."""
+    if isinstance(exc, StaleRead):
+        return True
     if isinstance(exc, sa.exc.DBAPIError):
         if exc.connection_invalidated:
             return True

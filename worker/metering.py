@@ -27,7 +27,7 @@ from uuid import UUID
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from worker import periods, quota
+from worker import db, periods, quota
 from worker.config import settings
 from worker.dead_letters import Letter, Rejected, record, replayer, storable_text
 from worker.sqlarrays import array_literal, bare_array, time_array
@@ -429,8 +429,8 @@ _ADD_TO_PERIODS = sa.text(
     UPDATE usage_periods u SET used_ms = u.used_ms + d.ms
     FROM unnest(CAST(:ids AS bigint[]), CAST(:ms AS bigint[])) AS d(id, ms)
     WHERE u.id = d.id AND u.id IN (SELECT id FROM locked)
-    RETURNING u.id, u.user_id::text AS user_id, u.period_start, u.used_ms - d.ms AS used_before, u.used_ms,
-              u.limit_ms
+    RETURNING u.id, u.user_id::text AS user_id, u.period_start, u.period_end, u.used_ms - d.ms AS used_before,
+              u.used_ms, u.limit_ms
     """
 )
 
@@ -467,6 +467,7 @@ class PeriodUsage:
 
     added: dict[int, int]
     missing: dict[str, periods.Span]
+    read: dict[int, periods.Period]  # the periods as read, to check they did not move before they were locked
 
 
 def _period_usage(conn: Connection, events: list[UsageEvent]) -> PeriodUsage:
@@ -475,7 +476,12 @@ def _period_usage(conn: Connection, events: list[UsageEvent]) -> PeriodUsage:
     spans = periods.spans_of((e.user_id, e.started_at, to_datetime(e.ended_ms)) for e in events)
     by_user = periods.periods_overlapping(conn, spans)
     missing = periods.uncovered(spans, by_user)
-    return PeriodUsage(_split_by_period([e for e in events if e.user_id not in missing], by_user), missing)
+    added = _split_by_period([e for e in events if e.user_id not in missing], by_user)
+    return PeriodUsage(added, missing, _by_id(by_user))
+
+
+def _by_id(by_user: dict[str, list[periods.Period]]) -> dict[int, periods.Period]:
+    return {period.id: period for found in by_user.values() for period in found}
 
 
 def _split_by_period(events: list[UsageEvent], by_user: dict[str, list[periods.Period]]) -> dict[int, int]:
@@ -490,13 +496,19 @@ def _split_by_period(events: list[UsageEvent], by_user: dict[str, list[periods.P
 
 
 def _add_to_periods(conn: Connection, usage: PeriodUsage, events: list[UsageEvent], now: datetime) -> None:
-    added = usage.added
+    added, read = usage.added, usage.read
     if usage.missing:  # a user's first usage, or usage beyond the periods known so far: four more statements
         periods.ensure_periods(conn, usage.missing, now)
         by_user = periods.periods_overlapping(conn, usage.missing)
         added = {**added, **_split_by_period([e for e in events if e.user_id in usage.missing], by_user)}
+        read = {**read, **_by_id(by_user)}
     ids = sorted(added)
     rows = conn.execute(_ADD_TO_PERIODS, {"ids": bare_array(ids), "ms": bare_array([added[i] for i in ids])}).all()
+    moved = len(rows) != len(ids) or any(
+        (row.period_start, row.period_end) != (read[row.id].start, read[row.id].end) for row in rows
+    )
+    if moved:  # a Stripe period change committed between the split and the lock: split again
+        raise db.StaleRead("a period of this batch's users moved while the batch was being applied")
     crossed = sorted(
         (row.user_id, row.period_start, threshold, row.used_ms, row.limit_ms)
         for row in rows
