@@ -865,3 +865,17 @@ def test_a_subscription_event_that_came_before_its_checkout_is_applied_by_the_ch
     (letter,) = letters(connection, created["id"])
     assert letter.replayed_at == NOW
     assert inbox(connection, created["id"]).outcome == "applied"
+
+
+def test_a_downgrade_below_the_usage_raises_the_alerts_and_blocks(connection) -> None:
+    user, customer, subscription_id = subscribed_user(connection)  # standard: 900 minutes
+    metered(connection, user, NOW - timedelta(hours=5), 14_400, NOW)  # 240 minutes
+    updated = stripe_event(
+        "customer.subscription.updated",
+        subscription(subscription_id, customer, price_object=price("price_cheap", plan="free")),
+        ts(NOW),
+    )
+    assert deliver(connection, updated).outcome == "applied"
+    query = "SELECT threshold_percent FROM usage_alerts WHERE user_id = :u AND period_start = :s ORDER BY 1"
+    assert list(connection.scalars(sa.text(query), {"u": user, "s": PERIOD_START})) == [80, 100]
+    assert row(connection, user).limit_reached_at is not None

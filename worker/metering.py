@@ -495,6 +495,24 @@ def _split_by_period(events: list[UsageEvent], by_user: dict[str, list[periods.P
     return added
 
 
+def raise_alerts(conn: Connection, periods_used: Sequence[Any], now: datetime) -> None:
+    """The 80 % and 100 % alerts of the periods whose usage crossed them: rows with user_id,
+    period_start, used_before, used_ms and limit_ms. An alert already raised stays as it is."""
+    crossed = sorted(
+        (row.user_id, row.period_start, threshold, row.used_ms, row.limit_ms)
+        for row in periods_used
+        for threshold in ALERT_THRESHOLDS
+        if row.used_ms * 100 >= row.limit_ms * threshold > row.used_before * 100
+    )
+    if crossed:
+        columns = [array_literal(column) for column in zip(*crossed, strict=True)]
+        conn.execute(
+            _RAISE_ALERTS,
+            {"now": now, "user_ids": columns[0], "starts": columns[1], "thresholds": columns[2],
+             "used": columns[3], "limits": columns[4]},
+        )  # fmt: skip
+
+
 def _add_to_periods(conn: Connection, usage: PeriodUsage, events: list[UsageEvent], now: datetime) -> None:
     added, read = usage.added, usage.read
     if usage.missing:  # a user's first usage, or usage beyond the periods known so far: four more statements
@@ -509,19 +527,7 @@ def _add_to_periods(conn: Connection, usage: PeriodUsage, events: list[UsageEven
     )
     if moved:  # a Stripe period change committed between the split and the lock: split again
         raise db.StaleRead("a period of this batch's users moved while the batch was being applied")
-    crossed = sorted(
-        (row.user_id, row.period_start, threshold, row.used_ms, row.limit_ms)
-        for row in rows
-        for threshold in ALERT_THRESHOLDS
-        if row.used_ms * 100 >= row.limit_ms * threshold > row.used_before * 100
-    )
-    if crossed:
-        columns = [array_literal(column) for column in zip(*crossed, strict=True)]
-        conn.execute(
-            _RAISE_ALERTS,
-            {"now": now, "user_ids": columns[0], "starts": columns[1], "thresholds": columns[2],
-             "used": columns[3], "limits": columns[4]},
-        )  # fmt: skip
+    raise_alerts(conn, rows, now)
     rows.sort(key=lambda row: row.user_id)
     conn.execute(
         _MARK_SUBSCRIPTIONS,

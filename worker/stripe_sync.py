@@ -36,7 +36,7 @@ import stripe
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.engine import Connection, Row
 
-from worker import db, metrics, periods, quota, rebuild
+from worker import db, metering, metrics, periods, quota, rebuild
 from worker.celery_app import app
 from worker.config import PLAN_TYPES, settings
 from worker.dead_letters import MAX_REASON_CHARS, AfterCommit, Letter, Rejected, record, replay, replayer, storable
@@ -386,6 +386,13 @@ _CUT_PERIOD = sa.text(
     WHERE user_id = :user_id AND period_start < :start AND period_end > :start
     """
 )
+_CURRENT_PERIOD_USAGE = sa.text(
+    """
+    SELECT u.user_id, u.period_start, 0 AS used_before, u.used_ms, u.limit_ms
+    FROM usage_periods u JOIN subscriptions s ON s.user_id = u.user_id AND s.current_period_start = u.period_start
+    WHERE u.user_id = :user_id
+    """
+)
 _DROP_OVERLAPPED_PERIODS = sa.text(
     """
     DELETE FROM usage_periods
@@ -416,6 +423,8 @@ def _move_period(conn: Connection, row: Row, start: datetime, end: datetime, pla
     rebuild.recount_periods(
         conn, [user_id], min(start, row.current_period_start), max(last, row.current_period_end), now
     )
+    # A lower limit can put usage past a threshold that no new usage crossed.
+    metering.raise_alerts(conn, conn.execute(_CURRENT_PERIOD_USAGE, {"user_id": row.user_id}).all(), now)
 
 
 def _apply_subscription_state(conn: Connection, cause: Cause, row: Row, subscription: dict, now: datetime) -> Effect:
