@@ -297,3 +297,15 @@ def test_an_older_quota_answer_never_replaces_a_newer_one(connection: sa.Connect
     quota.publish(second.values())
     quota.publish(first.values())
     assert quota.cached(str(user), NOW).used_seconds == 20
+
+
+def test_an_answer_read_before_a_plan_change_is_never_published_after_it(connection) -> None:
+    user = insert_user(connection)
+    before = metering.apply_events(connection, [event(user, "1", NOW - timedelta(minutes=2), 10)], NOW).quotas
+    quota.invalidate([str(user)])  # a plan change (or a rebuild) committed after that read
+    quota.publish(before.values())
+    assert quota.cached(str(user), NOW) is None
+    corrected = quota.read(connection, [str(user)], NOW)
+    quota.publish(corrected.values())
+    assert quota.cached(str(user), NOW) == corrected[str(user)]
+    assert quota.cached(str(user), NOW).generation == 1

@@ -4,6 +4,11 @@ PostgreSQL is the truth; Redis holds each user's last answer, written after the 
 A missing, expired or out-of-period answer falls back to PostgreSQL, so losing Redis costs speed, never
 correctness. Writes carry the period start and the usage they describe, and a Lua check refuses to
 replace a newer answer with an older one (two batches may commit in one order and publish in the other).
+
+Usage only grows within a period, except when a plan or period changes or a rebuild corrects it: those
+bump the user's generation (`invalidate`). Every answer carries the generation it was read under (read
+from Redis before PostgreSQL), and the Lua check refuses an answer of an older generation, so an answer
+read before such a change can never be published after it.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import functools
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass, fields
+from dataclasses import field as dataclass_field
 from datetime import UTC, datetime
 from uuid import UUID
 
@@ -28,6 +34,8 @@ from worker.sqlarrays import bare_array
 log = get_logger(__name__)
 
 KEY_PREFIX = "quota:"
+GENERATION_PREFIX = "quota-generation:"
+GENERATION_TTL = 7 * 86_400  # seconds: far longer than any answer is in flight
 
 
 class UnknownUser(LookupError):
@@ -44,9 +52,12 @@ class Quota:
     blocked: bool
     period_start: str
     period_end: str
+    generation: int = dataclass_field(default=0, compare=False)  # of the cache; not part of the answer
 
     @classmethod
-    def from_ms(cls, user_id: str, plan: str, limit_ms: int, used_ms: int, start: datetime, end: datetime) -> Quota:
+    def from_ms(
+        cls, user_id: str, plan: str, limit_ms: int, used_ms: int, start: datetime, end: datetime, generation: int = 0
+    ) -> Quota:
         return cls(
             user_id=user_id,
             plan=plan,
@@ -56,6 +67,7 @@ class Quota:
             blocked=used_ms >= limit_ms,
             period_start=_utc_iso(start),
             period_end=_utc_iso(end),
+            generation=generation,
         )
 
     def as_dict(self) -> dict:
@@ -66,7 +78,7 @@ class Quota:
         return datetime.fromisoformat(self.period_end)
 
 
-FIELDS = tuple(field.name for field in fields(Quota))
+FIELDS = tuple(field.name for field in fields(Quota) if field.name != "generation")  # the public answer
 
 
 @functools.lru_cache(maxsize=4096)
@@ -102,34 +114,56 @@ _READ = sa.text(
 )
 
 
+def _generations(user_ids: list[str]) -> dict[str, int]:
+    """Each user's cache generation; -1 when Redis cannot say, which no publish accepts."""
+    try:
+        values = redis_client().mget([GENERATION_PREFIX + user_id for user_id in user_ids]) if user_ids else []
+    except redis.RedisError:
+        return dict.fromkeys(user_ids, -1)
+    return {user_id: int(value or 0) for user_id, value in zip(user_ids, values, strict=True)}
+
+
 def read(conn: Connection, user_ids: Iterable[str], now: datetime) -> dict[str, Quota]:
     """The quota of each user, from PostgreSQL. Unknown users are absent from the answer."""
+    user_ids = sorted(set(user_ids))
+    generations = _generations(user_ids)  # before PostgreSQL: a change committed after this bumps it
     rows = conn.execute(
         _READ,
-        {
-            "user_ids": bare_array(sorted(set(user_ids))),
-            "now": now,
-            "free_limit_ms": settings().plan_minutes["free"] * 60_000,
-        },
+        {"user_ids": bare_array(user_ids), "now": now, "free_limit_ms": settings().plan_minutes["free"] * 60_000},
     )
     return {
-        row.user_id: Quota.from_ms(row.user_id, row.plan, row.limit_ms, row.used_ms, row.period_start, row.period_end)
+        row.user_id: Quota.from_ms(
+            row.user_id,
+            row.plan,
+            row.limit_ms,
+            row.used_ms,
+            row.period_start,
+            row.period_end,
+            generations.get(row.user_id, -1),
+        )
         for row in rows
     }
 
 
 # One call for a whole batch of answers: ARGV holds the TTL, then (answer, period start, usage) per key.
+# KEYS: answer key and generation key of each user, in pairs; ARGV: ttl, then per user the answer, its
+# generation, period start and usage.
 _PUBLISH = """
 local ttl = tonumber(ARGV[1])
-for i, key in ipairs(KEYS) do
-  local answer, start, used = ARGV[3 * i - 1], tonumber(ARGV[3 * i]), tonumber(ARGV[3 * i + 1])
-  local current = redis.call('GET', key)
-  local newer = false
-  if current then
-    local c = cjson.decode(current)
-    newer = c.v_start > start or (c.v_start == start and c.v_used > used)
+for i = 1, #KEYS / 2 do
+  local key, generation_key = KEYS[2 * i - 1], KEYS[2 * i]
+  local answer, generation = ARGV[4 * i - 2], tonumber(ARGV[4 * i - 1])
+  local start, used = tonumber(ARGV[4 * i]), tonumber(ARGV[4 * i + 1])
+  local stale = generation < tonumber(redis.call('GET', generation_key) or '0')
+  if not stale then
+    local current = redis.call('GET', key)
+    if current then
+      local c = cjson.decode(current)
+      stale = c.v_generation > generation or (c.v_generation == generation and
+              (c.v_start > start or (c.v_start == start and c.v_used > used)))
+    end
   end
-  if not newer then redis.call('SET', key, answer, 'EX', ttl) end
+  if not stale then redis.call('SET', key, answer, 'EX', ttl) end
 end
 """
 PUBLISH_CHUNK = 1000  # answers per script call: one batch's users, without holding Redis for long
@@ -146,24 +180,33 @@ def publish(quotas: Iterable[Quota]) -> None:
         for first in range(0, len(quotas), PUBLISH_CHUNK):
             chunk = quotas[first : first + PUBLISH_CHUNK]
             args: list[str | int] = [ttl]
+            keys: list[str] = []
             for quota in chunk:
                 start = int(datetime.fromisoformat(quota.period_start).timestamp() * 1000)
                 used = round(quota.used_seconds * 1000)
-                args += [json.dumps({**quota.as_dict(), "v_start": start, "v_used": used}), start, used]
-            script(keys=[KEY_PREFIX + quota.user_id for quota in chunk], args=args)
+                versioned = {**quota.as_dict(), "v_generation": quota.generation, "v_start": start, "v_used": used}
+                args += [json.dumps(versioned), quota.generation, start, used]
+                keys += [KEY_PREFIX + quota.user_id, GENERATION_PREFIX + quota.user_id]
+            script(keys=keys, args=args)
     except redis.RedisError as exc:
         log.warning("quota_publish_failed", users=len(quotas), error=str(exc))
 
 
 def invalidate(user_ids: Iterable[str]) -> None:
-    """Forget cached answers (after a plan or period change commits)."""
-    keys = [KEY_PREFIX + str(user_id) for user_id in user_ids]
-    if not keys:
+    """Forget cached answers and refuse any read before now (after a plan, period or usage correction
+    commits)."""
+    user_ids = [str(user_id) for user_id in user_ids]
+    if not user_ids:
         return
     try:
-        redis_client().delete(*keys)
+        with redis_client().pipeline(transaction=True) as pipe:
+            for user_id in user_ids:
+                pipe.incr(GENERATION_PREFIX + user_id)
+                pipe.expire(GENERATION_PREFIX + user_id, GENERATION_TTL)
+                pipe.delete(KEY_PREFIX + user_id)
+            pipe.execute()
     except redis.RedisError as exc:
-        log.warning("quota_invalidate_failed", users=len(keys), error=str(exc))
+        log.warning("quota_invalidate_failed", users=len(user_ids), error=str(exc))
 
 
 def cached(user_id: str, now: datetime) -> Quota | None:
@@ -182,7 +225,7 @@ def _cached(user_id: str, now: datetime) -> Quota | None:
     if raw is None:
         return None
     fields = json.loads(raw)
-    quota = Quota(**{name: fields[name] for name in Quota.__dataclass_fields__})
+    quota = Quota(**{name: fields[name] for name in FIELDS}, generation=fields["v_generation"])
     if not datetime.fromisoformat(quota.period_start) <= now < quota.ends_at:
         return None
     return quota
