@@ -292,15 +292,23 @@ def _table(results: dict) -> list[str]:
     ]
     for name, result in results.items():
         memory = f"{result.memory.main_mib:.0f} / {result.memory.child_mib:.0f}" if result.memory else "(bench process)"
-        offered = f"{result.latency_rate:,.0f}" if result.latency_rate else "as fast as possible"
+        offered = (
+            f"{result.latency_rate:,.0f}"
+            if result.latency_rate
+            else ("as fast as possible" if result.latencies else "–")
+        )
         transaction = result.transaction_seconds_per_event
         lines.append(
-            f"| {LABELS[name]} | {result.events:,} | **{result.rate:,.0f}** | {result.latency_ms(0.5):.1f} "
-            f"| {result.latency_ms(0.99):.1f} | {offered} | {result.cpu_ms_per_event:.3f} | {result.cpu_split()} "
+            f"| {LABELS[name]} | {result.events:,} | **{result.rate:,.0f}** | {_latency(result, 0.5)} "
+            f"| {_latency(result, 0.99)} | {offered} | {result.cpu_ms_per_event:.3f} | {result.cpu_split()} "
             f"| {result.machine_cpu_ms_per_event:.3f} | {_ms(1000 * transaction if transaction else None)}"
             f"{_per_transaction(result)} | {memory} |"
         )
     return lines
+
+
+def _latency(result: Any, fraction: float) -> str:
+    return f"{result.latency_ms(fraction):.1f}" if result.latencies else "–"
 
 
 def _per_transaction(result: Any) -> str:
