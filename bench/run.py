@@ -258,7 +258,18 @@ def machine() -> list[str]:
         )).all())  # fmt: skip
     redis_version = redis.Redis.from_url(os.environ["REDIS_URL"]).info("server")["redis_version"]
     commit = _command(["git", "rev-parse", "--short", "HEAD"])
-    dirty = _command(["git", "status", "--porcelain", "--", "worker", "bench", "schema.sql"])
+    dirty = _command(
+        [
+            "git",
+            "status",
+            "--porcelain",
+            "--",
+            "worker",
+            "bench",
+            "schema.sql",
+            f":!{RESULTS.relative_to(RESULTS.parent.parent)}",
+        ]
+    )
     return [
         f"- commit `{commit}`" + (" (with uncommitted changes in worker/, bench/ or schema.sql)" if dirty else ""),
         f"- {os.cpu_count()} CPUs (`nproc` {_command(['nproc'])}), {cpu}; {memory_kib / 1024 / 1024:.1f} GiB memory",
