@@ -73,6 +73,7 @@ def test_celery_app_routes_tasks_to_the_contracted_queues() -> None:
     assert app.conf.task_acks_late is True
     assert app.conf.task_reject_on_worker_lost is True
     assert app.conf.result_backend is None
+    assert app.conf.result_expires is None  # else beat schedules celery.backend_cleanup for a backend we lack
     for task, queue in [
         ("metering.record_usage", "usage"),
         ("metering.record_usage_batch", "usage"),

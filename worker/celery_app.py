@@ -48,6 +48,7 @@ def create_app() -> Celery:
         broker_connection_retry_on_startup=True,
         broker_transport_options=redis_transport_options(config.visibility_timeout),
         result_backend=None,
+        result_expires=None,  # no results, so no daily celery.backend_cleanup in the beat schedule
         task_ignore_result=True,
         task_acks_late=True,
         task_reject_on_worker_lost=True,
