@@ -11,7 +11,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -41,19 +41,20 @@ def drop_database(name: str) -> None:
         conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
 
 
-def claim_redis_db(run_id: str) -> int:
-    """An empty Redis database (15 down to 1), claimed with the tests' lock key so no test run takes it."""
-    for number in range(15, 0, -1):
-        client = redis.Redis.from_url(f"{REDIS_BASE}/{number}")
+def claim_redis_db(run_id: str, numbers: Iterable[int] = range(15, 0, -1), base_url: str = REDIS_BASE) -> int:
+    """The first empty Redis database among `numbers`, claimed with a lock key holding `run_id`. The test
+    suite claims its own the same way (from 1 up; the bench from 15 down), so no two runs share one."""
+    for number in numbers:
+        client = redis.Redis.from_url(f"{base_url}/{number}")
         if client.set(REDIS_LOCK_KEY, run_id, nx=True, ex=3 * 3600):
             if client.dbsize() == 1:
                 return number
             client.delete(REDIS_LOCK_KEY)
-    raise RuntimeError("no empty Redis database among 1-15")
+    raise RuntimeError("no empty Redis database among 1-15: stale runs? `redis-cli -n N flushdb` frees one")
 
 
 def reset_redis(redis_url: str, run_id: str) -> None:
-    """Empty the bench's Redis database (queues, unacked messages, quota answers), keep the claim, and
+    """Empty a claimed Redis database (queues, unacked messages, quota answers), keep the claim, and
     declare the queues again: kombu keeps exchange bindings in Redis and a producer declares them only
     once per process, so without this the next messages would vanish."""
     from worker import app

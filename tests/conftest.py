@@ -22,27 +22,17 @@ import pytest
 import redis as redis_lib
 from psycopg import sql
 
+from bench.harness import claim_redis_db, reset_redis
+
 ROOT = Path(__file__).resolve().parent.parent
 PG_HOST = os.environ.get("TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432")
 REDIS_BASE = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379")
 RUN_ID = f"{os.getpid()}_{uuid.uuid4().hex[:6]}"
 TEMPLATE_DB = f"ws_test_{RUN_ID}_tmpl"
 SESSION_DB = f"ws_test_{RUN_ID}"
-REDIS_LOCK_KEY = "worldspeak-test-run"
 
 
-def _claim_redis_db() -> int:
-    """The first Redis database (1-15) that is empty, claimed with a lock key holding this run's id."""
-    for number in range(1, 16):
-        client = redis_lib.Redis.from_url(f"{REDIS_BASE}/{number}")
-        if client.set(REDIS_LOCK_KEY, RUN_ID, nx=True, ex=3 * 3600):
-            if client.dbsize() == 1:
-                return number
-            client.delete(REDIS_LOCK_KEY)
-    raise RuntimeError("no free Redis database among 1-15: stale test runs? `redis-cli -n N flushdb` frees one")
-
-
-REDIS_DB = _claim_redis_db()
+REDIS_DB = claim_redis_db(RUN_ID, numbers=range(1, 16), base_url=REDIS_BASE)
 TEST_ENV = {
     "DATABASE_URL": f"{PG_HOST}/{SESSION_DB}",
     "REDIS_URL": f"{REDIS_BASE}/{REDIS_DB}",
@@ -176,19 +166,8 @@ DATA_TABLES = [
 
 
 def flush_redis() -> None:
-    """Empty the run's Redis database, keeping its claim and the broker's queue bindings.
-
-    Kombu keeps exchange-to-queue bindings in Redis and a producer declares them once per process, so
-    a flush without declaring them again would make later messages vanish.
-    """
-    from worker import app
-
-    client = redis_lib.Redis.from_url(TEST_ENV["REDIS_URL"])
-    client.flushdb()
-    client.set(REDIS_LOCK_KEY, RUN_ID, ex=3 * 3600)
-    with app.connection_for_write() as connection:
-        for queue in app.amqp.queues.values():
-            queue(connection.default_channel).declare()
+    """Empty the run's Redis database, keeping its claim and the broker's queue bindings."""
+    reset_redis(TEST_ENV["REDIS_URL"], RUN_ID)
 
 
 def clear_data() -> None:
