@@ -57,7 +57,7 @@ def reset_redis(redis_url: str, run_id: str) -> None:
     """Empty a claimed Redis database (queues, unacked messages, quota answers), keep the claim, and
     declare the queues again: kombu keeps exchange bindings in Redis and a producer declares them only
     once per process, so without this the next messages would vanish."""
-    from worker import app
+    from worker.celery import app
 
     client = redis.Redis.from_url(redis_url)
     client.flushdb()

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from worker.celery_app import app
+from worker.celery import app
 
 NOOP_TASK = "bench.noop"
 

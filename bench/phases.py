@@ -20,9 +20,11 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from bench import harness
 from bench.data import Stream, Totals, totals
 from bench.noop import NOOP_TASK
-from worker import app, db, metering, quota
+from worker import db, quota
+from worker.celery import app
+from worker.clock import utcnow
 from worker.config import settings
-from worker.tasks.base import utcnow
+from worker.metering import events, pipeline
 
 LATENCY_RATE_FRACTION = 0.5  # latency runs publish at this fraction of the measured throughput
 
@@ -97,7 +99,7 @@ def single_messages(stream: Stream) -> list[Message]:
     return [Message("metering.record_usage", [event], [event["event_id"]]) for event in stream.events]
 
 
-def batch_messages(stream: Stream, size: int = metering.MAX_BATCH_EVENTS) -> list[Message]:
+def batch_messages(stream: Stream, size: int = events.MAX_BATCH_EVENTS) -> list[Message]:
     chunks = [stream.events[start : start + size] for start in range(0, len(stream.events), size)]
     return [Message("metering.record_usage_batch", [chunk], [e["event_id"] for e in chunk]) for chunk in chunks]
 
@@ -335,8 +337,8 @@ class Breakdown:
     publish: float
 
 
-def pg_ceiling(context: Context, stream: Stream, batch: int = metering.MAX_BATCH_EVENTS) -> tuple[Result, Breakdown]:
-    """The same events through `metering.apply_events` in this process, one connection, a commit per batch."""
+def pg_ceiling(context: Context, stream: Stream, batch: int = events.MAX_BATCH_EVENTS) -> tuple[Result, Breakdown]:
+    """The same events through `pipeline.apply_events` in this process, one connection, a commit per batch."""
     before = totals()
     latencies: list[float] = []
     commit = 0.0
@@ -348,7 +350,7 @@ def pg_ceiling(context: Context, stream: Stream, batch: int = metering.MAX_BATCH
             began = time.perf_counter()
             with db.engine().connect() as conn:
                 with conn.begin():
-                    metering.apply_events(conn, chunk, utcnow())
+                    pipeline.apply_events(conn, chunk, utcnow())
                     committing = time.perf_counter()
                 commit += time.perf_counter() - committing
             latencies += [time.perf_counter() - began] * len(chunk)

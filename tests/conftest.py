@@ -89,13 +89,12 @@ def conn() -> Iterator[psycopg.Connection]:
 
 @pytest.fixture
 def connection():
-    """A SQLAlchemy connection (the worker's engine) in a transaction that is rolled back."""
+    """A SQLAlchemy connection (the worker's engine) in a transaction that is rolled back (so nothing
+    registered with db.after_commit runs)."""
     from worker import db
 
-    with db.engine().connect() as sa_connection:
-        transaction = sa_connection.begin()
+    with db.transaction(dry_run=True) as sa_connection:
         yield sa_connection
-        transaction.rollback()
 
 
 def _fresh_name() -> str:
@@ -197,7 +196,7 @@ def thread_worker() -> Iterator[object]:
     """A real Celery worker consuming the run's Redis from a thread of this process."""
     from celery.contrib.testing.worker import start_worker
 
-    from worker import app
+    from worker.celery import app
 
     with start_worker(
         app,

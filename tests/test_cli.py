@@ -12,8 +12,9 @@ import sqlalchemy as sa
 from conftest import TEST_ENV, insert_user
 from test_metering import event
 
-from worker import cli, db, metering, quota
-from worker.dead_letters import Letter, record
+from worker import cli, db, quota
+from worker.dead_letters import Letter, write
+from worker.metering import pipeline
 
 pytestmark = pytest.mark.usefixtures("committed")
 
@@ -48,9 +49,9 @@ def test_a_dead_letter_is_replayed_once_its_cause_is_fixed(capsys) -> None:
     newcomer = uuid.uuid4()  # the app sent usage before the profile existed
     with db.transaction() as conn:
         known = str(insert_user(conn))
-        metering.apply_events(conn, [event(newcomer, "early", now - timedelta(minutes=3), 30)], now)
+        pipeline.apply_events(conn, [event(newcomer, "early", now - timedelta(minutes=3), 30)], now)
         later = event(known, "bad-later", now, 0)
-        record(conn, [Letter("usage", later, "gave up after 11 attempts: OperationalError: gone", "bad-later"),
+        write(conn, [Letter("usage", later, "gave up after 11 attempts: OperationalError: gone", "bad-later"),
                       Letter("mystery", {"x": 1}, "from an older release")], now)  # fmt: skip
     status, out, _ = run(capsys, "dead-letters", "list")
     assert status == 0
@@ -105,7 +106,7 @@ def test_rebuild_usage_restores_corrupted_rows_and_reports_them(capsys, redis_cl
     hour = now.replace(minute=0, second=0, microsecond=0) - timedelta(hours=3)
     with db.transaction() as conn:
         user = insert_user(conn)
-        metering.apply_events(conn, [event(user, "a", hour + timedelta(minutes=50), 1200),
+        pipeline.apply_events(conn, [event(user, "a", hour + timedelta(minutes=50), 1200),
                                      event(user, "b", hour + timedelta(minutes=70), 30)], now)  # fmt: skip
     good = tracking(user)
     with db.transaction() as conn:
@@ -123,7 +124,10 @@ def test_rebuild_usage_restores_corrupted_rows_and_reports_them(capsys, redis_cl
     lines = out.splitlines()
     assert lines[0].startswith(f"rebuild-usage {hour.isoformat()} to {(hour + timedelta(hours=2)).isoformat()}")
     assert "2 ledger events, 2 hours and 1 periods checked" in lines[0]
-    assert lines[1] == f"  usage_tracking corrected: user {user} hour {hour:%Y-%m-%d %H}:00Z: microphone_ms 7 -> 600000"
+    assert lines[1] == (
+        f"  usage_tracking corrected: user {user} hour {hour:%Y-%m-%d %H}:00Z:"
+        " microphone_ms 7 -> 600000, microphone_seconds 0 -> 600"
+    )
     assert lines[-1] == "3 changes, written"
     assert tracking(user) == good
     assert query("SELECT used_ms FROM usage_periods WHERE user_id = %s", user) == [(1_230_000,)]

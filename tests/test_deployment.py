@@ -67,7 +67,7 @@ def test_compose_builds_from_the_dockerfile() -> None:
 
 
 def test_celery_app_routes_tasks_to_the_contracted_queues() -> None:
-    from worker import app
+    from worker.celery import app
 
     assert {queue.name for queue in app.conf.task_queues} == {"usage", "stripe", "maintenance"}
     assert app.conf.task_acks_late is True

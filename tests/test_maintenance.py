@@ -18,9 +18,12 @@ from freezegun import freeze_time
 from psycopg.types.json import Jsonb
 from test_periods import archived_counts, december_learners, use, utc
 
-from worker import cli, db, maintenance, metering, quota, stripe_sync
-from worker.celery_app import app, create_app
+from worker import cli, db, quota, stripe_sync
+from worker.celery import app, create_app
 from worker.config import SCHEDULE_DEFAULTS
+from worker.maintenance import jobs, runner
+from worker.maintenance import progress as learning
+from worker.metering import pipeline
 from worker.tasks import maintenance as tasks
 
 JOBS = set(SCHEDULE_DEFAULTS)
@@ -40,7 +43,7 @@ def answer(conn: sa.Connection) -> int:
 
 def test_a_run_is_recorded_with_its_start_success_and_duration(committed: None) -> None:
     with freeze_time("2027-03-03T12:00:00Z"):
-        run = maintenance.run_job("test_job", answer, lambda result: {"answer": result})
+        run = runner.run_job("test_job", answer, lambda result: {"answer": result})
 
     assert (run.ran, run.result, run.as_dict()) == (True, 42, {"job": "test_job", "ran": True, "answer": 42})
     row = run_row("test_job")
@@ -54,22 +57,22 @@ def test_a_failed_run_is_rolled_back_and_records_its_error_until_a_success(commi
         raise RuntimeError("disk on fire")
 
     with freeze_time("2027-03-03T12:00:00Z"), pytest.raises(RuntimeError, match="disk on fire"):
-        maintenance.run_job("test_job", fail, dict)
+        runner.run_job("test_job", fail, dict)
 
     failed = run_row("test_job")
     assert failed.last_started_at == utc(2027, 3, 3, 12) and failed.last_succeeded_at is None
     assert failed.last_error == "RuntimeError: disk on fire"
     assert run_row("written_by_the_failed_run") is None
-    maintenance.run_job("test_job", answer, lambda result: {})
+    runner.run_job("test_job", answer, lambda result: {})
     assert run_row("test_job").last_error is None
 
 
 def test_a_second_run_at_once_skips_and_an_operators_run_waits_for_the_first(committed: None) -> None:
     with db.engine().connect() as first, first.begin():
         first.execute(sa.text("SELECT pg_advisory_xact_lock(hashtext('worldspeak:maintenance:test_job'))"))
-        skipped = maintenance.run_job("test_job", answer, lambda result: {})
+        skipped = runner.run_job("test_job", answer, lambda result: {})
         with ThreadPoolExecutor(1) as pool:
-            waiting = pool.submit(maintenance.run_job, "test_job", answer, lambda result: {}, True)
+            waiting = pool.submit(runner.run_job, "test_job", answer, lambda result: {}, True)
             time.sleep(0.3)
             assert not waiting.done()
             first.commit()
@@ -79,7 +82,7 @@ def test_a_second_run_at_once_skips_and_an_operators_run_waits_for_the_first(com
     assert (waited.ran, waited.result) == (True, 42)
 
 
-# -- maintenance.reset_monthly_usage --------------------------------------------------------------------------
+# -- maintenance.reset_monthly_usage-------------------------------------------------------------------------
 
 
 def test_the_reset_task_called_directly_moves_due_users_and_refreshes_their_quota(committed: None) -> None:
@@ -139,7 +142,7 @@ def test_reset_due_refuses_a_time_without_offset(capsys: pytest.CaptureFixture) 
     assert "no UTC offset" in capsys.readouterr().err
 
 
-# -- maintenance.ensure_partitions ----------------------------------------------------------------------------
+# -- jobs.ensure_partitions ----------------------------------------------------------------------------
 
 
 def partitions(conn: sa.Connection) -> set[str]:
@@ -154,8 +157,8 @@ def partitions(conn: sa.Connection) -> set[str]:
 
 
 def test_partitions_a_year_ahead_are_all_there_and_a_second_run_creates_none(connection: sa.Connection) -> None:
-    first = maintenance.ensure_partitions(connection, utc(2031, 5, 17, 8), months_ahead=12)
-    second = maintenance.ensure_partitions(connection, utc(2031, 5, 17, 9), months_ahead=12)
+    first = jobs.ensure_partitions(connection, utc(2031, 5, 17, 8), months_ahead=12)
+    second = jobs.ensure_partitions(connection, utc(2031, 5, 17, 9), months_ahead=12)
 
     months = [f"messages_{2031 + (4 + n) // 12}_{(4 + n) % 12 + 1:02}" for n in range(13)]
     assert first.created == months and months[-1] == "messages_2032_05"
@@ -189,7 +192,7 @@ def test_a_message_left_in_the_default_partition_moves_when_its_month_is_created
         return connection.execute(sa.text(query), {"id": message}).scalar_one()
 
     assert home() == "messages_default"
-    assert maintenance.ensure_partitions(connection, utc(2031, 8, 2), months_ahead=0).created == ["messages_2031_08"]
+    assert jobs.ensure_partitions(connection, utc(2031, 8, 2), months_ahead=0).created == ["messages_2031_08"]
     assert home() == "messages_2031_08"
     count = connection.execute(sa.text("SELECT count(*) FROM messages_default WHERE id = :id"), {"id": message})
     assert count.scalar_one() == 0
@@ -201,7 +204,7 @@ def test_a_partition_another_run_created_first_is_no_error(fresh_database_url: s
         with engine.connect() as other, engine.connect() as conn, ThreadPoolExecutor(1) as pool:
             with other.begin():  # another run has created August and not committed yet
                 other.execute(sa.text("SELECT create_monthly_partition('2031-08-01')"))
-                ours = pool.submit(maintenance.ensure_partitions, conn, utc(2031, 8, 2), 1)
+                ours = pool.submit(jobs.ensure_partitions, conn, utc(2031, 8, 2), 1)
                 time.sleep(0.3)
                 assert not ours.done()  # waiting for the partition function's lock, not failing
             ours.result(timeout=10)
@@ -214,7 +217,7 @@ def test_a_partition_another_run_created_first_is_no_error(fresh_database_url: s
 @pytest.mark.parametrize("months_ahead", [-1, 121, "3", 2.5, True, None])
 def test_ensure_partitions_refuses_a_bad_months_ahead(connection: sa.Connection, months_ahead: object) -> None:
     with pytest.raises(ValueError, match="months_ahead"):
-        maintenance.ensure_partitions(connection, utc(2031, 1, 1), months_ahead)  # type: ignore[arg-type]
+        jobs.ensure_partitions(connection, utc(2031, 1, 1), months_ahead)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="months_ahead"):
         tasks.ensure_partitions(months_ahead=months_ahead)
 
@@ -230,15 +233,15 @@ def test_the_partitions_task_called_directly(committed: None) -> None:
             conn.execute(sa.text("DROP TABLE IF EXISTS messages_2091_01, messages_2091_02"))
 
 
-# -- maintenance.refresh_materialized_views -------------------------------------------------------------------
+# -- jobs.refresh_materialized_views -------------------------------------------------------------------
 
 
 def test_the_view_is_filled_normally_once_then_refreshed_concurrently(connection: sa.Connection) -> None:
     connection.execute(sa.text("REFRESH MATERIALIZED VIEW user_statistics WITH NO DATA"))
-    assert maintenance.refresh_materialized_views(connection).mode == "populated"
+    assert jobs.refresh_materialized_views(connection).mode == "populated"
     user = insert_user(connection, full_name="Newly Arrived")
 
-    assert maintenance.refresh_materialized_views(connection).mode == "concurrently"
+    assert jobs.refresh_materialized_views(connection).mode == "concurrently"
 
     query = "SELECT full_name, plan_type FROM user_statistics WHERE user_id = :u"
     assert tuple(connection.execute(sa.text(query), {"u": user}).one()) == ("Newly Arrived", "free")
@@ -247,7 +250,7 @@ def test_the_view_is_filled_normally_once_then_refreshed_concurrently(connection
 def test_a_refresh_is_skipped_while_another_one_runs(connection: sa.Connection) -> None:
     with db.engine().connect() as other, other.begin():
         other.execute(sa.text("REFRESH MATERIALIZED VIEW CONCURRENTLY user_statistics"))
-        assert maintenance.refresh_materialized_views(connection).mode == "skipped"
+        assert jobs.refresh_materialized_views(connection).mode == "skipped"
     assert connection.execute(sa.text("SELECT count(*) >= 0 FROM user_statistics")).scalar_one()
 
 
@@ -256,13 +259,13 @@ def test_the_refresh_task_called_directly(committed: None) -> None:
                                                   "mode": "concurrently"}  # fmt: skip
 
 
-# -- maintenance.aggregate_usage ------------------------------------------------------------------------------
+# -- learning.aggregate_usage ------------------------------------------------------------------------------
 
 
 def studied(conn: sa.Connection, user: uuid.UUID, language: str, started: datetime, seconds: float) -> None:
     event = {"event_id": uuid.uuid4().hex, "user_id": str(user), "started_at": started.isoformat(),
              "seconds": seconds, "language": language}  # fmt: skip
-    assert metering.apply_events(conn, [event], started).accepted
+    assert pipeline.apply_events(conn, [event], started).accepted
 
 
 def progress(conn: sa.Connection, user: uuid.UUID) -> dict[str, sa.Row]:
@@ -292,8 +295,8 @@ def test_finished_hours_roll_into_progress_exactly_once(connection: sa.Connectio
     studied(connection, user, "ja", utc(2027, 3, 3, 10, 20), 45)
     studied(connection, user, "en", utc(2027, 3, 3, 11, 10), 30)  # its hour has not ended at 11:30
 
-    first = maintenance.aggregate_usage(connection, utc(2027, 3, 3, 11, 30))
-    again = maintenance.aggregate_usage(connection, utc(2027, 3, 3, 11, 45))
+    first = learning.aggregate_usage(connection, utc(2027, 3, 3, 11, 30))
+    again = learning.aggregate_usage(connection, utc(2027, 3, 3, 11, 45))
 
     assert (first.hours, first.users, first.minutes) == (1, {str(user)}, 1)
     assert (again.hours, again.minutes) == (0, 0)
@@ -309,7 +312,7 @@ def test_finished_hours_roll_into_progress_exactly_once(connection: sa.Connectio
     ).all()
     assert [tuple(row) for row in hours] == [(10, True, 135_000), (11, False, 0)]
 
-    maintenance.aggregate_usage(connection, utc(2027, 3, 3, 12))
+    learning.aggregate_usage(connection, utc(2027, 3, 3, 12))
     assert progress(connection, user)["en"].total_study_time_minutes == 2  # 120 s, exactly two minutes
     assert language_settings(connection, user)["en"] == ("intermediate", 2)
 
@@ -318,7 +321,7 @@ def test_minutes_come_from_the_exact_total_not_from_each_hour(connection: sa.Con
     user = insert_user(connection)
     for hour in range(3):  # 40 s an hour: no hour alone makes a minute, together they make two
         studied(connection, user, "zh", utc(2027, 3, 3, hour, 10), 40)
-        maintenance.aggregate_usage(connection, utc(2027, 3, 3, hour + 1))
+        learning.aggregate_usage(connection, utc(2027, 3, 3, hour + 1))
 
     zh = progress(connection, user)["zh"]
     assert (zh.total_study_ms, zh.total_study_time_minutes) == (120_000, 2)
@@ -328,13 +331,13 @@ def test_minutes_come_from_the_exact_total_not_from_each_hour(connection: sa.Con
 def test_late_usage_for_an_aggregated_hour_is_rolled_up_by_its_difference_only(connection: sa.Connection) -> None:
     user = insert_user(connection)
     studied(connection, user, "en", utc(2027, 3, 3, 10), 50)
-    maintenance.aggregate_usage(connection, utc(2027, 3, 3, 11))
+    learning.aggregate_usage(connection, utc(2027, 3, 3, 11))
     late = {"event_id": "late", "user_id": str(user), "started_at": "2027-03-03T10:30:00Z", "seconds": 20.5,
             "language": "en"}  # fmt: skip
-    metering.apply_events(connection, [late], utc(2027, 3, 3, 11, 10))
+    pipeline.apply_events(connection, [late], utc(2027, 3, 3, 11, 10))
 
-    rolled = maintenance.aggregate_usage(connection, utc(2027, 3, 3, 11, 15))
-    maintenance.aggregate_usage(connection, utc(2027, 3, 3, 11, 20))
+    rolled = learning.aggregate_usage(connection, utc(2027, 3, 3, 11, 15))
+    learning.aggregate_usage(connection, utc(2027, 3, 3, 11, 20))
 
     assert (rolled.hours, rolled.minutes) == (1, 1)
     en = progress(connection, user)["en"]
@@ -349,7 +352,7 @@ def test_streaks_count_days_in_the_learners_zone_and_restart_after_a_missed_day(
     user = insert_user(connection, timezone="Asia/Tokyo")  # +09:00
     studied(connection, user, "en", utc(2027, 3, 1, 14, 30), 60)  # 23:30 on 1 March in Tokyo
     studied(connection, user, "en", utc(2027, 3, 1, 15, 30), 60)  # 00:30 on 2 March in Tokyo, same UTC day
-    maintenance.aggregate_usage(connection, utc(2027, 3, 1, 17))
+    learning.aggregate_usage(connection, utc(2027, 3, 1, 17))
     assert (progress(connection, user)["en"].consecutive_days, progress(connection, user)["en"].last_study_date) == (
         2,
         date(2027, 3, 2),
@@ -357,7 +360,7 @@ def test_streaks_count_days_in_the_learners_zone_and_restart_after_a_missed_day(
 
     for day in range(3, 8):  # 3 to 7 March, 19:00 in Tokyo, rolled up in one run
         studied(connection, user, "en", utc(2027, 3, day, 10), 60)
-    week = maintenance.aggregate_usage(connection, utc(2027, 3, 7, 12))
+    week = learning.aggregate_usage(connection, utc(2027, 3, 7, 12))
 
     assert progress(connection, user)["en"].consecutive_days == 7
     assert week.achievements == 1
@@ -371,9 +374,9 @@ def test_streaks_count_days_in_the_learners_zone_and_restart_after_a_missed_day(
 
     studied(connection, user, "en", utc(2027, 3, 8, 10), 60)  # 8 March studied, 9 March missed
     studied(connection, user, "en", utc(2027, 3, 10, 10), 60)
-    maintenance.aggregate_usage(connection, utc(2027, 3, 8, 12))
+    learning.aggregate_usage(connection, utc(2027, 3, 8, 12))
     assert progress(connection, user)["en"].consecutive_days == 8
-    maintenance.aggregate_usage(connection, utc(2027, 3, 10, 12))
+    learning.aggregate_usage(connection, utc(2027, 3, 10, 12))
 
     restarted = progress(connection, user)["en"]
     assert (restarted.consecutive_days, restarted.last_study_date) == (1, date(2027, 3, 10))
@@ -387,10 +390,10 @@ def test_thirty_days_in_a_row_earn_both_streaks_once(connection: sa.Connection) 
          .isoformat(), "seconds": 30, "language": "fr"}
         for day in range(30)
     ]  # fmt: skip
-    metering.apply_events(connection, events, utc(2027, 3, 30, 10))
+    pipeline.apply_events(connection, events, utc(2027, 3, 30, 10))
 
-    first = maintenance.aggregate_usage(connection, utc(2027, 3, 30, 12))
-    again = maintenance.aggregate_usage(connection, utc(2027, 3, 30, 13))
+    first = learning.aggregate_usage(connection, utc(2027, 3, 30, 12))
+    again = learning.aggregate_usage(connection, utc(2027, 3, 30, 13))
 
     assert (first.achievements, again.achievements) == (2, 0)
     assert progress(connection, user)["fr"].consecutive_days == 30
@@ -406,12 +409,12 @@ def test_weekly_minutes_count_the_learners_current_week_only(connection: sa.Conn
     studied(connection, steady, "en", utc(2027, 3, 1, 9), 180)  # Monday 1 March 2027
     studied(connection, steady, "en", utc(2027, 3, 3, 9), 120)
     studied(connection, lapsed, "en", utc(2027, 3, 2, 9), 240)
-    maintenance.aggregate_usage(connection, utc(2027, 3, 3, 12))
+    learning.aggregate_usage(connection, utc(2027, 3, 3, 12))
     assert progress(connection, steady)["en"].weekly_achieved_minutes == 5
     assert progress(connection, steady)["en"].total_study_time_minutes == 10
 
     studied(connection, steady, "en", utc(2027, 3, 8, 9), 60)  # the next Monday
-    maintenance.aggregate_usage(connection, utc(2027, 3, 8, 12))
+    learning.aggregate_usage(connection, utc(2027, 3, 8, 12))
 
     assert progress(connection, steady)["en"].weekly_achieved_minutes == 1
     assert progress(connection, lapsed)["en"].weekly_achieved_minutes == 0

@@ -14,7 +14,8 @@ from conftest import flush_redis, insert_user
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from worker import metering, quota
+from worker import quota
+from worker.metering import pipeline
 
 NOW = datetime(2027, 1, 1, 0, 30, tzinfo=UTC)  # just after a month and year boundary
 HOUR = 3_600_000
@@ -134,7 +135,7 @@ def test_totals_equal_an_independent_reference(
         position, sizes = 0, iter(batch_sizes * 50)
         while position < len(stream):
             size = next(sizes)
-            outcome = metering.apply_events(connection, stream[position : position + size], NOW)
+            outcome = pipeline.apply_events(connection, stream[position : position + size], NOW)
             assert not outcome.rejected
             position += size
 
@@ -158,7 +159,7 @@ def test_120_half_second_events_make_exactly_60_seconds(connection: sa.Connectio
     user = insert_user(connection)
     start = NOW - timedelta(minutes=10)
     events = [event(user, f"half-{i}", start + timedelta(seconds=i), 0.5) for i in range(120)]
-    outcome = metering.apply_events(connection, events, NOW)
+    outcome = pipeline.apply_events(connection, events, NOW)
     assert len(outcome.accepted) == 120
     assert sum(row["microphone_ms"] for row in tracking_rows(connection, user).values()) == 60_000
     assert outcome.quotas[str(user)].used_seconds == 60
@@ -167,8 +168,8 @@ def test_120_half_second_events_make_exactly_60_seconds(connection: sa.Connectio
 def test_duplicates_change_nothing(connection: sa.Connection) -> None:
     user = insert_user(connection)
     item = event(user, "dup", NOW - timedelta(minutes=5), 30, conversation_id=CONVERSATIONS[0], feature="conversation")
-    first = metering.apply_events(connection, [item, item], NOW)
-    again = metering.apply_events(connection, [item], NOW + timedelta(seconds=1))
+    first = pipeline.apply_events(connection, [item, item], NOW)
+    again = pipeline.apply_events(connection, [item], NOW + timedelta(seconds=1))
     assert (first.accepted, first.duplicates, again.accepted, again.duplicates) == (["dup"], ["dup"], [], ["dup"])
     (row,) = tracking_rows(connection, user).values()
     assert (row["microphone_ms"], row["message_count"], row["conversation_count"]) == (30_000, 1, 1)
@@ -177,7 +178,7 @@ def test_duplicates_change_nothing(connection: sa.Connection) -> None:
 
 def test_an_event_across_new_year_is_split_between_years_and_periods(connection: sa.Connection) -> None:
     user = insert_user(connection)
-    outcome = metering.apply_events(
+    outcome = pipeline.apply_events(
         connection, [event(user, "ny", datetime(2026, 12, 31, 23, 50, tzinfo=UTC), 1200)], NOW
     )
     assert outcome.accepted == ["ny"]
@@ -193,7 +194,7 @@ def test_an_event_across_new_year_is_split_between_years_and_periods(connection:
 def test_29_february_is_its_own_day(connection: sa.Connection) -> None:
     user = insert_user(connection)
     leap_now = datetime(2028, 3, 1, 0, 10, tzinfo=UTC)
-    metering.apply_events(connection, [event(user, "leap", datetime(2028, 2, 29, 23, 59, tzinfo=UTC), 120)], leap_now)
+    pipeline.apply_events(connection, [event(user, "leap", datetime(2028, 2, 29, 23, 59, tzinfo=UTC), 120)], leap_now)
     rows = tracking_rows(connection, user)
     assert rows[datetime(2028, 2, 29).date(), 23]["microphone_ms"] == 60_000
     assert rows[datetime(2028, 3, 1).date(), 0]["microphone_ms"] == 60_000
@@ -206,7 +207,7 @@ def test_29_february_is_its_own_day(connection: sa.Connection) -> None:
 def test_half_hour_zone_splits_the_period_at_local_midnight(connection: sa.Connection) -> None:
     user = insert_user(connection, timezone="Asia/Kolkata")  # +05:30: the month ends at 18:30 UTC
     now = datetime(2027, 2, 1, 1, 0, tzinfo=UTC)
-    metering.apply_events(connection, [event(user, "k", datetime(2027, 1, 31, 18, 0, tzinfo=UTC), 3600)], now)
+    pipeline.apply_events(connection, [event(user, "k", datetime(2027, 1, 31, 18, 0, tzinfo=UTC), 3600)], now)
     rows = tracking_rows(connection, user)
     assert rows[datetime(2027, 1, 31).date(), 18]["microphone_ms"] == 3_600_000
     assert period_totals(connection, user) == {
@@ -227,13 +228,13 @@ def test_limits_alert_once_record_overage_and_block(connection: sa.Connection) -
     user = insert_user(connection)  # free: 60 minutes
     now = datetime(2027, 1, 20, 12, 0, tzinfo=UTC)
     start = now - timedelta(hours=20)
-    metering.apply_events(connection, [event(user, "a", start, 47 * 60)], now)
+    pipeline.apply_events(connection, [event(user, "a", start, 47 * 60)], now)
     assert alerts(connection, user) == []
-    metering.apply_events(connection, [event(user, "b", start + timedelta(hours=1), 60)], now)  # 48 min = 80 %
+    pipeline.apply_events(connection, [event(user, "b", start + timedelta(hours=1), 60)], now)  # 48 min = 80 %
     assert alerts(connection, user) == [80]
-    metering.apply_events(connection, [event(user, "c", start + timedelta(hours=2), 30)], now)
+    pipeline.apply_events(connection, [event(user, "c", start + timedelta(hours=2), 30)], now)
     assert alerts(connection, user) == [80]
-    outcome = metering.apply_events(connection, [event(user, "d", start + timedelta(hours=3), 20 * 60)], now)
+    outcome = pipeline.apply_events(connection, [event(user, "d", start + timedelta(hours=3), 20 * 60)], now)
     assert alerts(connection, user) == [80, 100]
     answer = outcome.quotas[str(user)]
     assert answer.used_seconds == 47 * 60 + 60 + 30 + 20 * 60  # recorded in full
@@ -249,7 +250,7 @@ def test_limits_alert_once_record_overage_and_block(connection: sa.Connection) -
     assert overage == (answer.used_seconds - 3600) * 1000
     assert reached == now
     assert minutes == int(answer.used_seconds // 60)
-    metering.apply_events(connection, [event(user, "e", start + timedelta(hours=4), 60)], now)
+    pipeline.apply_events(connection, [event(user, "e", start + timedelta(hours=4), 60)], now)
     assert alerts(connection, user) == [80, 100]
 
 
@@ -265,7 +266,7 @@ def test_bad_events_are_dead_lettered_and_good_ones_around_them_applied(connecti
         {**event(user, "bad-nul", NOW - timedelta(minutes=3), 10), "language": "en\x00"},
         event(user, "good-2", NOW - timedelta(minutes=2), 5),
     ]
-    outcome = metering.apply_events(connection, batch, NOW, task_name="metering.record_usage_batch")
+    outcome = pipeline.apply_events(connection, batch, NOW, task_name="metering.record_usage_batch")
     assert outcome.accepted == ["good-1", "good-2"]
     assert [(r.index, r.event_id) for r in outcome.rejected] == [
         (1, "bad-seconds"), (2, "bad-user"), (3, None), (4, None), (5, "bad-nul"),
@@ -274,13 +275,14 @@ def test_bad_events_are_dead_lettered_and_good_ones_around_them_applied(connecti
     assert [letter.reason for letter in letters] == [r.reason for r in outcome.rejected]
     assert letters[1].reason == f"unknown user_id {unknown}"
     assert letters[2].payload == "not an event"
-    assert "unparsed" in letters[4].payload  # a NUL cannot live in jsonb: the letter keeps its repr
+    assert letters[3].payload["event_id"] == "bad-\\udc80"  # what jsonb cannot hold is kept as an escape
+    assert letters[4].payload["language"] == "en\\x00"
     assert sum(row["microphone_ms"] for row in tracking_rows(connection, user).values()) == 15_000
 
 
 def test_quota_survives_a_redis_flush(connection: sa.Connection) -> None:
     user = insert_user(connection)
-    outcome = metering.apply_events(connection, [event(user, "q", NOW - timedelta(minutes=1), 90)], NOW)
+    outcome = pipeline.apply_events(connection, [event(user, "q", NOW - timedelta(minutes=1), 90)], NOW)
     quota.publish(outcome.quotas.values())
     assert quota.cached(str(user), NOW) == outcome.quotas[str(user)]
     flush_redis()
@@ -292,8 +294,8 @@ def test_quota_survives_a_redis_flush(connection: sa.Connection) -> None:
 
 def test_an_older_quota_answer_never_replaces_a_newer_one(connection: sa.Connection) -> None:
     user = insert_user(connection)
-    first = metering.apply_events(connection, [event(user, "1", NOW - timedelta(minutes=2), 10)], NOW).quotas
-    second = metering.apply_events(connection, [event(user, "2", NOW - timedelta(minutes=1), 10)], NOW).quotas
+    first = pipeline.apply_events(connection, [event(user, "1", NOW - timedelta(minutes=2), 10)], NOW).quotas
+    second = pipeline.apply_events(connection, [event(user, "2", NOW - timedelta(minutes=1), 10)], NOW).quotas
     quota.publish(second.values())
     quota.publish(first.values())
     assert quota.cached(str(user), NOW).used_seconds == 20
@@ -301,7 +303,7 @@ def test_an_older_quota_answer_never_replaces_a_newer_one(connection: sa.Connect
 
 def test_an_answer_read_before_a_plan_change_is_never_published_after_it(connection) -> None:
     user = insert_user(connection)
-    before = metering.apply_events(connection, [event(user, "1", NOW - timedelta(minutes=2), 10)], NOW).quotas
+    before = pipeline.apply_events(connection, [event(user, "1", NOW - timedelta(minutes=2), 10)], NOW).quotas
     quota.invalidate([str(user)])  # a plan change (or a rebuild) committed after that read
     quota.publish(before.values())
     assert quota.cached(str(user), NOW) is None

@@ -11,8 +11,9 @@ import sqlalchemy as sa
 from conftest import insert_user
 from test_metering import NOW, event, tracking_rows
 
-from worker import metering, periods
+from worker import periods
 from worker.dead_letters import Rejected
+from worker.metering import events, pipeline
 
 JAN = datetime(2027, 1, 1, tzinfo=UTC)
 FEB = datetime(2027, 2, 1, tzinfo=UTC)
@@ -34,19 +35,19 @@ def test_durations_round_as_the_exact_decimal_does_even_at_half_milliseconds() -
     for seconds in samples:
         if exact_ms(seconds) == 0:
             continue
-        assert metering._duration_ms({"seconds": seconds}, 14_400) == exact_ms(seconds), seconds
+        assert events._duration_ms({"seconds": seconds}, 14_400) == exact_ms(seconds), seconds
 
 
 def test_a_half_millisecond_alone_rounds_to_zero_and_is_rejected() -> None:
     with pytest.raises(Rejected, match=r"at least 0\.001"):
-        metering._duration_ms({"seconds": 0.0005}, 14_400)
+        events._duration_ms({"seconds": 0.0005}, 14_400)
 
 
 def test_user_ids_are_stored_in_canonical_spelling_however_they_arrive(connection: sa.Connection) -> None:
     user = insert_user(connection)
     spelt = [str(user).upper(), "{" + str(user) + "}", str(user).replace("-", ""), str(user)]
     batch = [event(user, f"spelling-{i}", NOW - timedelta(minutes=5), 1) | {"user_id": s} for i, s in enumerate(spelt)]
-    outcome = metering.apply_events(connection, batch, NOW)
+    outcome = pipeline.apply_events(connection, batch, NOW)
     assert len(outcome.accepted) == 4 and not outcome.rejected
     assert sum(row["message_count"] for row in tracking_rows(connection, user).values()) == 4
 
@@ -54,12 +55,12 @@ def test_user_ids_are_stored_in_canonical_spelling_however_they_arrive(connectio
 def test_language_and_feature_maps_add_key_by_key_across_batches(connection: sa.Connection) -> None:
     user = insert_user(connection)
     hour = NOW - timedelta(minutes=20)
-    metering.apply_events(connection, [event(user, "m1", hour, 1.5, language="en", feature="conversation")], NOW)
+    pipeline.apply_events(connection, [event(user, "m1", hour, 1.5, language="en", feature="conversation")], NOW)
     later = [
         event(user, "m2", hour, 2.25, language="en"),
         event(user, "m3", hour, 0.001, language="pt-BR", feature="quiz"),
     ]
-    metering.apply_events(connection, later, NOW)
+    pipeline.apply_events(connection, later, NOW)
     (row,) = tracking_rows(connection, user).values()
     assert row["language_breakdown"] == {"en": 3.75, "pt-BR": 0.001}
     assert row["feature_usage"] == {"conversation": 1, "quiz": 1}
@@ -84,8 +85,8 @@ def test_a_user_whose_subscription_row_was_deleted_gets_a_free_one_with_the_next
     connection: sa.Connection,
 ) -> None:
     user = insert_user(connection)
-    metering.apply_events(connection, [event(user, "before", NOW - timedelta(minutes=5), 1)], NOW)
+    pipeline.apply_events(connection, [event(user, "before", NOW - timedelta(minutes=5), 1)], NOW)
     connection.execute(sa.text("DELETE FROM subscriptions WHERE user_id = :u"), {"u": user})
-    metering.apply_events(connection, [event(user, "after", NOW - timedelta(minutes=4), 1)], NOW)
+    pipeline.apply_events(connection, [event(user, "after", NOW - timedelta(minutes=4), 1)], NOW)
     plan = connection.execute(sa.text("SELECT plan_type FROM subscriptions WHERE user_id = :u"), {"u": user})
     assert plan.scalar_one() == "free"

@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 import pytest
 
 from worker.dead_letters import Rejected
-from worker.metering import UsageEvent, hour_pieces, parse_event, to_ms
+from worker.metering.events import UsageEvent, hour_pieces, parse_event, to_ms
 
 NOW = datetime(2027, 3, 10, 12, 0, tzinfo=UTC)
 USER = "8a0c8f0e-4f7e-4f43-9a39-0d8b7f6c1e21"
@@ -31,7 +31,7 @@ BAD_EVENTS = [
     ("null", None, "event must be a JSON object, got NoneType"),
     ("missing event_id", {k: v for k, v in good().items() if k != "event_id"}, "missing field(s): event_id"),
     ("missing several", {"event_id": "x"}, "missing field(s): user_id, started_at, seconds, language"),
-    ("extra field", good(minutes=3), "unknown field(s): minutes"),
+    ("extra field", good(minutes=3), "unknown field(s): 'minutes'; fields are event_id, user_id"),
     ("empty event_id", good(event_id=""), "event_id must not be empty"),
     ("long event_id", good(event_id="e" * 129), "event_id is 129 characters long; at most 128"),
     ("numeric event_id", good(event_id=17), "event_id must be a string, got int"),

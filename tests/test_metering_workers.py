@@ -18,7 +18,9 @@ import sqlalchemy as sa
 from conftest import TEST_ENV, flush_redis, insert_user
 from test_metering import event, reference
 
-from worker import app, db, metering, quota
+from worker import db, quota
+from worker.celery import app
+from worker.metering import pipeline
 
 pytestmark = pytest.mark.usefixtures("committed")
 
@@ -171,7 +173,7 @@ def test_quota_check_answers_from_redis_and_after_a_flush_from_postgres(redis_cl
     users = make_users(1)
     (user,) = users
     with db.transaction() as conn:
-        outcome = metering.apply_events(conn, make_events(users, 50, now, seed=19), now)
+        outcome = pipeline.apply_events(conn, make_events(users, 50, now, seed=19), now)
     quota.publish(outcome.quotas.values())
     expected = outcome.quotas[str(user)]
     assert redis_client.exists(quota.KEY_PREFIX + str(user))
@@ -188,10 +190,10 @@ def test_a_period_that_moves_between_the_split_and_the_lock_makes_the_batch_run_
     users = make_users(1)
     (user,) = users
     with db.transaction() as conn:
-        metering.apply_events(conn, [event(user, "before", now - timedelta(hours=2), 60)], now)
+        pipeline.apply_events(conn, [event(user, "before", now - timedelta(hours=2), 60)], now)
     cut = now - timedelta(minutes=30)
     late = [event(user, "across-the-cut", cut - timedelta(minutes=5), 600)]
-    read_periods = metering._period_usage
+    read_periods = pipeline._period_usage
 
     def read_then_let_stripe_cut(conn, events):
         usage = read_periods(conn, events)
@@ -206,15 +208,15 @@ def test_a_period_that_moves_between_the_split_and_the_lock_makes_the_batch_run_
                 ),
                 {"u": user, "cut": cut, "end": cut + timedelta(days=30)},
             )
-        monkeypatch.setattr(metering, "_period_usage", read_periods)  # once
+        monkeypatch.setattr(pipeline, "_period_usage", read_periods)  # once
         return usage
 
-    monkeypatch.setattr(metering, "_period_usage", read_then_let_stripe_cut)
+    monkeypatch.setattr(pipeline, "_period_usage", read_then_let_stripe_cut)
     with pytest.raises(db.StaleRead), db.transaction() as conn:
-        metering.apply_events(conn, late, now)
+        pipeline.apply_events(conn, late, now)
     assert db.is_transient(db.StaleRead())
     with db.transaction() as conn:  # the retry splits at the new bounds
-        assert metering.apply_events(conn, late, now).accepted == ["across-the-cut"]
+        assert pipeline.apply_events(conn, late, now).accepted == ["across-the-cut"]
     with db.engine().connect() as conn:
         used = dict(
             conn.execute(

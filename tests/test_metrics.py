@@ -18,7 +18,8 @@ from conftest import ROOT, TEST_ENV, insert_user
 from http_server import serve_in_thread
 from prometheus_client.parser import text_string_to_metric_families
 
-from worker import app, db, dead_letters, metrics
+from worker import db, dead_letters, metrics
+from worker.celery import app
 from worker.web import app as web_app
 
 AUTH = {"Authorization": "Bearer test-token-1"}
@@ -92,9 +93,9 @@ def test_metrics_count_real_traffic_through_worker_processes(base_url: str, spaw
 
     assert delta("worldspeak_usage_events_total", outcome="accepted") == 9
     assert delta("worldspeak_usage_events_total", outcome="duplicate") == 2  # one in the request, one in the ledger
-    assert delta("worldspeak_usage_events_total", outcome="rejected") == 3  # two by the web, one by the worker
+    assert delta("worldspeak_usage_events_total", outcome="rejected") == 3  # two over HTTP, one by the worker
     assert delta("worldspeak_usage_batch_events_count") == 2
-    assert delta("worldspeak_usage_batch_events_sum") == 7 + 4
+    assert delta("worldspeak_usage_batch_events_sum") == 10 + 4  # the web applies its request as one batch
     assert delta("worldspeak_usage_batch_events_bucket", le="5.0") == 1
     assert delta("worldspeak_usage_commit_seconds_count") == 2
     assert delta("worldspeak_usage_commit_seconds_sum") > 0
@@ -159,10 +160,10 @@ def test_dead_letters_are_counted_only_once_their_transaction_commits(base_url: 
     letter = dead_letters.Letter("usage", {"event_id": "x"}, "a reason", "x")
     before = value(scrape(base_url), "worldspeak_dead_letters_total", source="usage")
     with pytest.raises(RuntimeError), db.transaction() as conn:
-        dead_letters.record(conn, [letter], datetime.now(UTC))
+        dead_letters.write(conn, [letter], datetime.now(UTC))
         raise RuntimeError("rolled back")
     assert value(scrape(base_url), "worldspeak_dead_letters_total", source="usage") == before
     with db.transaction() as conn:
-        dead_letters.record(conn, [letter, letter], datetime.now(UTC))
+        dead_letters.write(conn, [letter, letter], datetime.now(UTC))
         conn.exec_driver_sql("DELETE FROM dead_letters WHERE ref = 'x'")
     assert value(scrape(base_url), "worldspeak_dead_letters_total", source="usage") == before + 2

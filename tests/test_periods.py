@@ -12,7 +12,8 @@ from datetime import UTC, datetime, timedelta
 import sqlalchemy as sa
 from conftest import insert_user
 
-from worker import db, metering, periods
+from worker import db, periods
+from worker.metering import pipeline
 
 MINUTE_MS = 60_000
 
@@ -21,7 +22,7 @@ def use(conn: sa.Connection, user: uuid.UUID, started: datetime, seconds: float)
     """Meter one event that starts at `started`, as the worker does when it arrives right away."""
     event = {"event_id": uuid.uuid4().hex, "user_id": str(user), "started_at": started.isoformat(),
              "seconds": seconds, "language": "en"}  # fmt: skip
-    assert metering.apply_events(conn, [event], started).accepted
+    assert pipeline.apply_events(conn, [event], started).accepted
 
 
 def subscription(conn: sa.Connection, user: uuid.UUID) -> sa.Row:
@@ -178,7 +179,7 @@ def test_late_usage_for_an_archived_period_updates_that_archive(connection: sa.C
     late = {"event_id": "late-1", "user_id": str(user), "started_at": "2027-01-31T23:30:00Z", "seconds": 45,
             "language": "en"}  # fmt: skip
 
-    metering.apply_events(connection, [late], utc(2027, 2, 1, 0, 10))
+    pipeline.apply_events(connection, [late], utc(2027, 2, 1, 0, 10))
 
     january, february = period_rows(connection, user)
     assert (january.used_ms, january.archived_at is not None) == (105_000, True)
@@ -192,7 +193,7 @@ def test_a_period_before_the_first_known_one_is_born_archived(connection: sa.Con
     late = {"event_id": "from-january", "user_id": str(user), "started_at": "2027-01-20T10:00:00Z", "seconds": 60,
             "language": "en"}  # fmt: skip
 
-    metering.apply_events(connection, [late], now)
+    pipeline.apply_events(connection, [late], now)
 
     january, february = period_rows(connection, user)
     assert (january.used_ms, january.archived_at) == (60_000, now)
@@ -230,7 +231,7 @@ def december_learners(count: int) -> list[uuid.UUID]:
              "language": "en"}
             for user in users
         ]  # fmt: skip
-        metering.apply_events(conn, events, utc(2026, 12, 31, 23))
+        pipeline.apply_events(conn, events, utc(2026, 12, 31, 23))
     return users
 
 

@@ -10,7 +10,8 @@ import sqlalchemy as sa
 from conftest import insert_user
 from test_metering import event
 
-from worker import metering, rebuild
+from worker import rebuild
+from worker.metering import pipeline
 
 NOW = datetime(2027, 1, 15, 15, 0, tzinfo=UTC)
 DAY = datetime(2027, 1, 15, tzinfo=UTC)
@@ -50,7 +51,7 @@ def metered(connection: sa.Connection) -> tuple[uuid.UUID, uuid.UUID]:
         event(a, "a-after", at(13, 30), 10),  # outside the range
         event(b, "b-in", at(10, 30), 30, language="pt-BR"),
     ]
-    outcome = metering.apply_events(connection, events, NOW)
+    outcome = pipeline.apply_events(connection, events, NOW)
     assert not outcome.rejected
     return a, b
 
@@ -106,7 +107,8 @@ def test_corrupted_rows_are_restored_exactly_and_only_in_the_range(connection: s
     }  # fmt: skip
     detail = next(c.detail for c in report.changes if c.key.endswith("10:00Z") and c.table == "usage_tracking")
     assert detail == (
-        "microphone_ms 2507500 -> 2502500, conversation_count 7 -> 2, language_ms None -> {'en': 1902500, 'zh': 600000}"
+        "microphone_ms 2507500 -> 2502500, microphone_seconds 2507 -> 2502, conversation_count 7 -> 2,"
+        " language_ms None -> {'en': 1902500, 'zh': 600000}"
     )
     assert report.users_changed == {str(a), str(b)}
     assert rebuild.rebuild(connection, at(10, 20), at(12, 10), NOW).changes == []
@@ -116,7 +118,7 @@ def test_conversations_stay_counted_once_after_a_rebuild(connection: sa.Connecti
     a, _ = metered
     execute(connection, "DELETE FROM usage_hour_conversations WHERE user_id = :a", a=a)
     rebuild.rebuild(connection, at(10), at(11), NOW)
-    metering.apply_events(connection, [event(a, "later-c1", at(10, 50), 5, conversation_id=C1),
+    pipeline.apply_events(connection, [event(a, "later-c1", at(10, 50), 5, conversation_id=C1),
                                        event(a, "later-c3", at(10, 51), 5, conversation_id=C3)], NOW)  # fmt: skip
     count = connection.execute(
         sa.text("SELECT conversation_count FROM usage_tracking WHERE user_id = :a AND hour = 10"), {"a": a}
@@ -126,7 +128,7 @@ def test_conversations_stay_counted_once_after_a_rebuild(connection: sa.Connecti
 
 def test_a_rebuild_that_finds_the_limit_reached_marks_the_subscription(connection: sa.Connection) -> None:
     user = insert_user(connection)
-    metering.apply_events(connection, [event(user, "big", at(10), 3700)], NOW)
+    pipeline.apply_events(connection, [event(user, "big", at(10), 3700)], NOW)
     execute(connection, "UPDATE usage_periods SET used_ms = 0 WHERE user_id = :u", u=user)
     execute(connection, "UPDATE subscriptions SET monthly_minutes_used = 0, limit_reached_at = NULL WHERE user_id = :u",
             u=user)  # fmt: skip

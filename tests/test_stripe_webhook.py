@@ -22,7 +22,7 @@ from http_server import serve_in_thread
 from prometheus_client.parser import text_string_to_metric_families
 from test_stripe_sync import FakeStripe, checkout_session, new_id, price, stripe_event, subscription, ts
 
-from worker import cli, db, metrics, stripe_sync
+from worker import cli, db, health, stripe_sync
 from worker.tasks.stripe import process_event
 
 pytestmark = pytest.mark.usefixtures("committed")
@@ -133,7 +133,7 @@ def test_a_signed_event_is_stored_before_the_answer_and_applied_by_the_worker(
 
 def stripe_events_counted(event_type: str, outcome: str) -> float:
     """worldspeak_stripe_events_total for one type and outcome, summed over this host's processes."""
-    body, _ = metrics.exposition()
+    body, _ = health.exposition()
     labels = {"type": event_type, "outcome": outcome}
     return sum(
         sample.value

@@ -1,5 +1,1 @@
-"""WorldSpeakAI metering and billing worker. `celery -A worker` finds the Celery app here."""
-
-from worker.celery_app import app
-
-__all__ = ["app"]
+"""WorldSpeakAI metering and billing worker. The Celery app is in worker.celery (`celery -A worker`)."""

@@ -9,11 +9,12 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from uuid import UUID
 
-from worker import db, dead_letters, demo, maintenance, metrics, quota, rebuild
-from worker.celery_app import app
+from worker import db, dead_letters, demo, metrics, quota, rebuild
+from worker.celery import app
+from worker.clock import utcnow
 from worker.config import ConfigError, settings
 from worker.logs import configure_logging
-from worker.tasks.base import utcnow
+from worker.maintenance import jobs
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -84,21 +85,24 @@ def _replay_letters(args: argparse.Namespace) -> int:
         letter_ids = [args.letter_id]
     failed = 0
     for letter_id in letter_ids:
-        try:
-            with db.transaction() as conn:  # one letter per transaction: one that fails again keeps the others
-                result = dead_letters.replay(conn, letter_id, utcnow())
-        except LookupError as exc:
-            print(f"dead letter {letter_id}: {exc}")
-            failed += 1
-            continue
-        result.after_commit()
-        if result.reason is None:
-            print(f"dead letter {letter_id}: applied")
-        else:
-            print(f"dead letter {letter_id}: failed again and stays: {result.reason}")
-            failed += 1
+        outcome = _replay_one(letter_id)
+        print(f"dead letter {letter_id}: {outcome or 'applied'}")
+        failed += outcome is not None
     print(f"{len(letter_ids) - failed} of {len(letter_ids)} dead letters applied")
     return 1 if failed else 0
+
+
+def _replay_one(letter_id: int) -> str | None:
+    """Replay one letter in a transaction of its own (one that fails again keeps the others); None when
+    applied, else what happened. Any failure is reported and the replay goes on with the next letter."""
+    try:
+        with db.transaction() as conn:
+            reason = dead_letters.replay(conn, letter_id, utcnow())
+    except LookupError as exc:
+        return str(exc)
+    except Exception as exc:
+        return f"failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} (the letter stays)"
+    return None if reason is None else f"failed again and stays: {reason}"
 
 
 def _moment(text: str) -> datetime:
@@ -118,12 +122,8 @@ def cmd_rebuild_usage(args: argparse.Namespace) -> int:
     if not args.start < args.end:
         print("--from must be before --to", file=sys.stderr)
         return 2
-    with db.engine().connect() as conn, conn.begin() as transaction:
+    with db.transaction(dry_run=args.dry_run) as conn:
         report = rebuild.rebuild(conn, args.start, args.end, utcnow())
-        if args.dry_run:
-            transaction.rollback()
-    if not args.dry_run:
-        quota.invalidate(report.users_changed)  # answers cached before the rebuild may be wrong
     print(
         f"rebuild-usage {report.start.isoformat()} to {report.end.isoformat()} (whole UTC hours):"
         f" {report.events} ledger events, {report.hours_checked} hours and {report.periods_checked} periods checked"
@@ -137,7 +137,7 @@ def cmd_rebuild_usage(args: argparse.Namespace) -> int:
 
 def cmd_reset_due(args: argparse.Namespace) -> int:
     now = args.now or utcnow()
-    moved = maintenance.run_reset_monthly_usage(now, wait=True).result.moved  # waits for a run in progress
+    moved = jobs.run_reset_monthly_usage(now, wait=True).result  # waits for a run in progress
     print(
         f"reset-due at {now.isoformat()}: {len(moved.users)} subscriptions moved to their next period,"
         f" {moved.periods_archived} periods archived"

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 DEFAULT_PLAN_MINUTES = {"free": 60, "standard": 900, "premium": 3000, "enterprise": 10000}
 PLAN_TYPES = ("free", "standard", "premium", "enterprise")
+QUEUES = ("usage", "stripe", "maintenance")  # the worker's queues, each with its own exchange
 
 
 class ConfigError(ValueError):
@@ -43,6 +44,8 @@ class Settings:
     usage_flush_every: int = 1000  # events coalesced into one transaction by metering.record_usage
     usage_flush_interval: float = 0.05  # seconds a partial coalesced batch waits
     quota_cache_ttl: int = 900  # seconds a cached quota answer is trusted
+    pg_lock_timeout: float = 5.0  # seconds a statement waits for a lock before its work is retried
+    pg_idle_in_transaction_timeout: float = 15.0  # seconds before PostgreSQL ends a transaction left idle
     schedule: Mapping[str, float] = field(default_factory=dict)  # beat job -> interval in seconds
 
     def minutes_for_plan(self, plan: str) -> int:
@@ -157,6 +160,10 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
         usage_flush_every=_int(environ, "USAGE_FLUSH_EVERY", base.usage_flush_every, minimum=1),
         usage_flush_interval=_float(environ, "USAGE_FLUSH_INTERVAL", base.usage_flush_interval),
         quota_cache_ttl=_int(environ, "QUOTA_CACHE_TTL", base.quota_cache_ttl, minimum=1),
+        pg_lock_timeout=_float(environ, "PG_LOCK_TIMEOUT_SECONDS", base.pg_lock_timeout),
+        pg_idle_in_transaction_timeout=_float(
+            environ, "PG_IDLE_IN_TRANSACTION_TIMEOUT_SECONDS", base.pg_idle_in_transaction_timeout
+        ),
         schedule=_schedule(environ),
     )
 

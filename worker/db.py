@@ -7,9 +7,9 @@ would talk over one socket), so the engine is created lazily and forgotten in ev
 from __future__ import annotations
 
 import os
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from contextvars import ContextVar
 from pathlib import Path
 
 import psycopg
@@ -42,8 +42,21 @@ def create_db_engine(database_url: str, pool_size: int = 5) -> Engine:
         connect_args={
             "connect_timeout": 5,
             "application_name": f"worldspeak-worker:{os.getpid()}",
-            "options": "-c timezone=UTC",  # date_trunc and ::date on timestamptz mean UTC, whatever the server says
+            "options": session_options(),
         },
+    )
+
+
+def session_options() -> str:
+    """Settings of every session the worker opens. timezone: date_trunc and ::date on timestamptz mean
+    UTC whatever the server says. lock_timeout: no statement waits longer for a row lock (the batch is
+    retried). idle_in_transaction_session_timeout: a transaction whose process stopped answering (paused,
+    hung, cut off) is ended by the server, releasing its locks, and its message is delivered again."""
+    config = settings()
+    return (
+        "-c timezone=UTC"
+        f" -c lock_timeout={round(config.pg_lock_timeout * 1000)}"
+        f" -c idle_in_transaction_session_timeout={round(config.pg_idle_in_transaction_timeout * 1000)}"
     )
 
 
@@ -65,41 +78,91 @@ def _forget_engine_after_fork() -> None:
 os.register_at_fork(after_in_child=_forget_engine_after_fork)
 
 
-_after_commit: ContextVar[list[Callable[[], None]] | None] = ContextVar("after_commit", default=None)
+# -- transactions and what runs after their commit ------------------------------------------------------
+#
+# Effects outside PostgreSQL (quota answers in Redis, tasks sent to the broker, metrics) must follow the
+# commit of the rows they describe, never precede it and never survive its rollback. `after_commit`
+# registers them on the connection; `transaction()` runs them once its commit has succeeded. Savepoints
+# keep their own frame: a callback registered inside a savepoint that rolls back is dropped with it.
+
+# Per open connection of transaction(): a stack of callback lists, one per savepoint. Keyed by the Connection
+# object itself (not Connection.info, which belongs to the DBAPI connection and is gone once it breaks).
+_frames: weakref.WeakKeyDictionary[Connection, list[list[Callable[[], None]]]] = weakref.WeakKeyDictionary()
 
 
 @contextmanager
-def transaction() -> Iterator[Connection]:
-    """A connection in a transaction that commits when the block ends and rolls back on error.
+def transaction(dry_run: bool = False) -> Iterator[Connection]:
+    """A connection in a transaction that commits when the block ends (rolls back with `dry_run`, or on
+    error). Callbacks registered with `after_commit` run once the commit has succeeded, in order."""
+    with engine().connect() as connection:
+        frames: list[list[Callable[[], None]]] = [[]]
+        _frames[connection] = frames
+        try:
+            with connection.begin() as outer:
+                yield connection
+                if dry_run:
+                    outer.rollback()
+        finally:
+            _frames.pop(connection, None)
+    if not dry_run:
+        for callback in frames[0]:
+            callback()
 
-    Callbacks registered with `after_commit` inside the block run once the commit succeeded.
-    """
-    callbacks: list[Callable[[], None]] = []
-    token = _after_commit.set(callbacks)
-    try:
-        with engine().begin() as connection:
-            yield connection
-    finally:
-        _after_commit.reset(token)
-    for callback in callbacks:
-        callback()
+
+def after_commit(connection: Connection, callback: Callable[[], None]) -> None:
+    """Run `callback` once the `transaction()` that `connection` belongs to has committed; never if it (or
+    the savepoint the call is in) rolls back. Raises outside `transaction()`, where no commit would run it."""
+    frames = _frames.get(connection)
+    if frames is None:
+        raise RuntimeError("after_commit needs a connection of db.transaction(): nothing else runs callbacks")
+    frames[-1].append(callback)
 
 
-def after_commit(callback: Callable[[], None]) -> None:
-    """Run `callback` once the enclosing `transaction()` commits; never if it rolls back.
+@sa.event.listens_for(Engine, "savepoint")
+def _open_frame(connection: Connection, _name: str) -> None:
+    frames = _frames.get(connection)
+    if frames is not None:
+        frames.append([])
 
-    Outside `transaction()` (a caller that manages its own transaction) nothing is registered.
-    """
-    callbacks = _after_commit.get()
-    if callbacks is not None:
-        callbacks.append(callback)
+
+@sa.event.listens_for(Engine, "release_savepoint")
+def _keep_frame(connection: Connection, _name: str, _context: object) -> None:
+    frames = _frames.get(connection)
+    if frames is not None and len(frames) > 1:
+        released = frames.pop()
+        frames[-1].extend(released)
+
+
+@sa.event.listens_for(Engine, "rollback_savepoint")
+def _drop_frame(connection: Connection, _name: str, _context: object) -> None:
+    frames = _frames.get(connection)
+    if frames is not None and len(frames) > 1:
+        frames.pop()
+
+
+@sa.event.listens_for(Engine, "rollback")
+def _drop_all_frames(connection: Connection) -> None:
+    frames = _frames.get(connection)
+    if frames is not None:
+        frames[:] = [[]]
+
+
+def set_actor(connection: Connection, actor: str) -> None:
+    """Name who changes rows in this transaction: schema.sql's audit trigger writes it to audit_logs.actor."""
+    connection.execute(sa.text("SELECT set_config('app.actor', :actor, true)"), {"actor": actor})
+
+
+def set_local(connection: Connection, setting: str, value: str) -> None:
+    """A PostgreSQL setting for the rest of this transaction (e.g. a job's own lock_timeout)."""
+    connection.execute(sa.text("SELECT set_config(:setting, :value, true)"), {"setting": setting, "value": value})
 
 
 # SQLSTATEs worth another try: the same work succeeds once the competing transaction or outage is gone.
 TRANSIENT_SQLSTATES = {
     "40001",  # serialization_failure
     "40P01",  # deadlock_detected
-    "55P03",  # lock_not_available
+    "55P03",  # lock_not_available (lock_timeout)
+    "25P03",  # idle_in_transaction_session_timeout: this session was cut; the work was rolled back
     "57P01",  # admin_shutdown (server restarting)
     "57P02",  # crash_shutdown
     "57P03",  # cannot_connect_now (server starting)

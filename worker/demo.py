@@ -27,10 +27,11 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from worker import db, periods, quota
-from worker.celery_app import app
+from worker.celery import app
+from worker.clock import utcnow
 from worker.config import settings
-from worker.ingest import BATCH_TASK
-from worker.tasks.base import utcnow
+
+BATCH_TASK = "metering.record_usage_batch"
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 DEFAULT_EVENTS = 1000

@@ -11,8 +11,8 @@ starts, the files of fleets whose main process is gone are removed (the reset Pr
 a restart). Removing by fleet rather than wiping the directory lets several fleets share a host (a web,
 and one `celery worker` per queue) without erasing each other's live counts.
 
-What is truer read at scrape time than counted is read at scrape time: queue depths (Redis), how long
-ago each beat job last succeeded and how many dead letters wait (PostgreSQL).
+This module is plumbing: counters that take plain values, and the fleet's files. What is truer read at
+scrape time than counted (queue depths, beat staleness, dead letters waiting) is read by worker.health.
 """
 
 from __future__ import annotations
@@ -21,29 +21,14 @@ import glob
 import os
 import socket
 import tempfile
-from collections.abc import Iterator
-from datetime import UTC, datetime
-from typing import TYPE_CHECKING
 
-import redis
-import sqlalchemy as sa
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest, values
-from prometheus_client.core import GaugeMetricFamily, Metric
-from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
+from prometheus_client import Counter, Histogram, values
+from prometheus_client.multiprocess import mark_process_dead
 
-from worker import db
-from worker.cache import redis_client
-from worker.config import settings
 from worker.logs import get_logger
-from worker.tables import dead_letters, maintenance_runs
-
-if TYPE_CHECKING:
-    from worker.metering import Outcome
 
 log = get_logger(__name__)
 
-UNACKED_KEY = "unacked"  # kombu's hash of messages delivered to a worker and not yet acknowledged
-SCRAPE_STATEMENT_TIMEOUT_MS = 2000
 FLEET_VARIABLE = "WORLDSPEAK_METRICS_FLEET"  # set by a fleet's main process, inherited by its children
 HOST = socket.gethostname().replace("_", "-")  # "_" separates the parts of prometheus-client's file names
 
@@ -110,10 +95,10 @@ def usage_events(outcome: str, count: int) -> None:
         USAGE_EVENTS.labels(outcome).inc(count)
 
 
-def usage_batch_committed(outcome: Outcome, events: int, seconds: float) -> None:
-    usage_events("accepted", len(outcome.accepted))
-    usage_events("duplicate", len(outcome.duplicates))
-    usage_events("rejected", len(outcome.rejected))
+def usage_batch_committed(accepted: int, duplicates: int, rejected: int, events: int, seconds: float) -> None:
+    usage_events("accepted", accepted)
+    usage_events("duplicate", duplicates)
+    usage_events("rejected", rejected)
     USAGE_BATCH_EVENTS.observe(events)
     USAGE_COMMIT_SECONDS.observe(seconds)
 
@@ -171,90 +156,3 @@ def start_fleet() -> None:
 def process_exited() -> None:
     """Called in a pool process as it exits: its live gauges go (counters stay: they are part of totals)."""
     mark_process_dead(process_identifier(), directory())
-
-
-# -- scrape ------------------------------------------------------------------------------------------------
-
-
-class LiveCollector:
-    """Gauges read at scrape time from Redis and PostgreSQL; a dependency that is down shows as up=0."""
-
-    def collect(self) -> Iterator[Metric]:
-        up = GaugeMetricFamily(
-            "worldspeak_dependency_up", "1 when the scrape could read it, else 0.", labels=["dependency"]
-        )
-        try:
-            yield from self._from_redis()
-            up.add_metric(["redis"], 1)
-        except redis.RedisError as exc:
-            log.warning("metrics_redis_unavailable", error=str(exc))
-            up.add_metric(["redis"], 0)
-        try:
-            yield from self._from_postgresql()
-            up.add_metric(["postgresql"], 1)
-        except sa.exc.SQLAlchemyError as exc:
-            log.warning("metrics_postgresql_unavailable", error=str(exc).splitlines()[0])
-            up.add_metric(["postgresql"], 0)
-        yield up
-
-    @staticmethod
-    def _from_redis() -> Iterator[Metric]:
-        from worker.celery_app import QUEUES  # here: celery_app imports this module (for its signals)
-
-        # kombu keeps each queue as a Redis list named after it
-        with redis_client().pipeline(transaction=False) as pipe:
-            for queue in QUEUES:
-                pipe.llen(queue)
-            pipe.hlen(UNACKED_KEY)
-            *depths, unacked = pipe.execute()
-        waiting = GaugeMetricFamily("worldspeak_queue_messages", "Messages waiting in each queue.", labels=["queue"])
-        for queue, depth in zip(QUEUES, depths, strict=True):
-            waiting.add_metric([queue], depth)
-        yield waiting
-        yield GaugeMetricFamily(
-            "worldspeak_queue_unacked_messages", "Messages delivered to workers and not yet acknowledged.", unacked
-        )
-
-    @staticmethod
-    def _from_postgresql() -> Iterator[Metric]:
-        with db.engine().connect() as conn:
-            conn.execute(sa.text(f"SET LOCAL statement_timeout = {SCRAPE_STATEMENT_TIMEOUT_MS}"))
-            runs = conn.execute(sa.select(maintenance_runs.c.job, maintenance_runs.c.last_succeeded_at)).all()
-            pending = conn.execute(
-                sa.select(dead_letters.c.source, sa.func.count())
-                .where(dead_letters.c.replayed_at.is_(None))
-                .group_by(dead_letters.c.source)
-            ).all()
-        now = datetime.now(UTC)
-        schedule = settings().schedule
-        succeeded = {job: None for job in schedule} | dict(runs)
-        staleness = GaugeMetricFamily(
-            "worldspeak_beat_job_seconds_since_success",
-            "Seconds since each periodic job last succeeded (+Inf: it never has).",
-            labels=["job"],
-        )
-        for job, succeeded_at in sorted(succeeded.items()):
-            staleness.add_metric([job], (now - succeeded_at).total_seconds() if succeeded_at else float("inf"))
-        yield staleness
-        interval = GaugeMetricFamily(
-            "worldspeak_beat_job_interval_seconds",
-            "Configured seconds between runs of each periodic job.",
-            labels=["job"],
-        )
-        for job, seconds in sorted(schedule.items()):
-            interval.add_metric([job], seconds)
-        yield interval
-        letters = GaugeMetricFamily(
-            "worldspeak_dead_letters_pending", "Dead letters not yet replayed, by source.", labels=["source"]
-        )
-        for source, count in pending:
-            letters.add_metric([source], count)
-        yield letters
-
-
-def exposition() -> tuple[bytes, str]:
-    """The Prometheus text of every process on this host plus the scrape-time gauges, and its content type."""
-    registry = CollectorRegistry()
-    MultiProcessCollector(registry, path=directory())
-    registry.register(LiveCollector())
-    return generate_latest(registry), CONTENT_TYPE_LATEST

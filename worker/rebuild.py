@@ -32,18 +32,10 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from worker import periods
+from worker import db, periods, quota
 from worker.config import settings
-from worker.metering import (
-    HOUR_MS,
-    HourTotals,
-    UsageEvent,
-    hourly_totals,
-    overlap_ms,
-    to_datetime,
-    to_ms,
-    write_tracking,
-)
+from worker.metering.events import HOUR_MS, HourTotals, UsageEvent, hourly_totals, overlap_ms, to_datetime, to_ms
+from worker.metering.tracking import write_tracking
 
 STREAM_ROWS = 10_000  # ledger rows fetched per round trip while summing period totals
 ACTOR = "rebuild-usage"  # audit_logs.actor of the subscription changes a rebuild makes
@@ -80,14 +72,22 @@ def rebuild(conn: Connection, start: datetime, end: datetime, now: datetime) -> 
         raise ValueError(f"--from ({start.isoformat()}) must be before --to ({end.isoformat()})")
     report = Report(*hour_range(start, end))
     conn.execute(sa.text("LOCK TABLE usage_events IN SHARE MODE"))
-    conn.execute(sa.text("SELECT set_config('app.actor', :actor, true)"), {"actor": ACTOR})
+    db.set_actor(conn, ACTOR)
     events = _events_overlapping(conn, report.start, report.end)
     report.events = len(events)
     spans = periods.spans_of((e.user_id, e.started_at, to_datetime(e.ended_ms)) for e in events)
     periods.ensure_periods(conn, spans, now)
     _rebuild_hours(conn, report, events, now)
     _rebuild_periods(conn, report, now)
+    _invalidate_after_commit(conn, report.users_changed)
     return report
+
+
+def _invalidate_after_commit(conn: Connection, user_ids: set[str]) -> None:
+    """Quota answers cached before the rebuild may be wrong: they go once it commits."""
+    if user_ids:
+        changed = sorted(user_ids)
+        db.after_commit(conn, lambda: quota.invalidate(changed))
 
 
 # -- the ledger ----------------------------------------------------------------------------------------------
@@ -139,7 +139,8 @@ def _events_overlapping(conn: Connection, start: datetime, end: datetime) -> lis
 _TRACKING_IN_RANGE = sa.text(
     """
     SELECT t.user_id::text AS user_id, (t.date + make_interval(hours => t.hour)) AT TIME ZONE 'UTC' AS hour_start,
-           t.microphone_ms, t.message_count, t.conversation_count, t.language_breakdown, t.feature_usage
+           t.microphone_ms, t.microphone_seconds, t.message_count, t.conversation_count, t.language_breakdown,
+           t.feature_usage
     FROM usage_tracking t
     WHERE t.date BETWEEN (CAST(:start AS timestamptz) AT TIME ZONE 'UTC')::date
                      AND (CAST(:end AS timestamptz) AT TIME ZONE 'UTC')::date
@@ -189,6 +190,7 @@ class HourRow:
     """The fields of a usage_tracking row that derive from the ledger, in comparable form."""
 
     microphone_ms: int
+    microphone_seconds: int  # the seed's column dashboards read: floor(microphone_ms / 1000)
     message_count: int
     conversation_count: int
     language_ms: dict[str, int] | None  # None: the stored value is not a JSON object of numbers
@@ -198,6 +200,7 @@ class HourRow:
     def computed(cls, totals: HourTotals) -> HourRow:
         return cls(
             totals.microphone_ms,
+            totals.microphone_ms // 1000,
             totals.message_count,
             len(totals.conversations),
             dict(totals.language_ms),
@@ -208,6 +211,7 @@ class HourRow:
     def stored(cls, row: Any) -> HourRow:
         return cls(
             row.microphone_ms,
+            row.microphone_seconds,
             row.message_count or 0,
             row.conversation_count or 0,
             _integers(row.language_breakdown, scale=1000),  # seconds with up to 3 decimals -> ms
@@ -222,7 +226,7 @@ class HourRow:
         )
 
 
-EMPTY_HOUR = HourRow(0, 0, 0, {}, {})
+EMPTY_HOUR = HourRow(0, 0, 0, 0, {}, {})
 
 
 def _integers(value: Any, scale: int) -> dict[str, int] | None:

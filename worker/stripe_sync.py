@@ -23,7 +23,6 @@ and the period that contains a new start is cut there, so usage periods never ov
 
 from __future__ import annotations
 
-import functools
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -36,11 +35,13 @@ import stripe
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.engine import Connection, Row
 
-from worker import db, metering, metrics, periods, quota, rebuild
-from worker.celery_app import app
+from worker import db, metrics, periods, quota, rebuild
+from worker.celery import app
 from worker.config import PLAN_TYPES, settings
-from worker.dead_letters import MAX_REASON_CHARS, AfterCommit, Letter, Rejected, record, replay, replayer, storable
+from worker.dead_letters import MAX_REASON_CHARS, Letter, Rejected, replay, replayer, storable, write
+from worker.errors import Invalid
 from worker.logs import get_logger
+from worker.metering.limits import raise_alerts
 from worker.tables import profiles, stripe_events, subscriptions, usage_periods
 
 log = get_logger(__name__)
@@ -73,12 +74,8 @@ SWEEP_BATCH = 1000
 # -- the webhook: verify and store ---------------------------------------------------------------------
 
 
-class InvalidWebhook(ValueError):
+class InvalidWebhook(Invalid):
     """A delivery that is not a verified Stripe event; the reason is safe to answer with."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
 
 
 def _signed_by(text: str, header: str, secret: str, tolerance: int | None) -> bool:
@@ -358,7 +355,7 @@ def _ignored(note: str) -> Effect:
 
 def _name_actor(conn: Connection, cause: Cause) -> None:
     """audit_logs rows written by this transaction name the event (schema.sql's audit trigger reads it)."""
-    conn.execute(sa.text("SELECT set_config('app.actor', :actor, true)"), {"actor": f"stripe:{cause.event_id}"})
+    db.set_actor(conn, f"stripe:{cause.event_id}")
 
 
 def _is_older(row: Row, cause: Cause) -> bool:
@@ -424,7 +421,7 @@ def _move_period(conn: Connection, row: Row, start: datetime, end: datetime, pla
         conn, [user_id], min(start, row.current_period_start), max(last, row.current_period_end), now
     )
     # A lower limit can put usage past a threshold that no new usage crossed.
-    metering.raise_alerts(conn, conn.execute(_CURRENT_PERIOD_USAGE, {"user_id": row.user_id}).all(), now)
+    raise_alerts(conn, conn.execute(_CURRENT_PERIOD_USAGE, {"user_id": row.user_id}).all(), now)
 
 
 def _apply_subscription_state(conn: Connection, cause: Cause, row: Row, subscription: dict, now: datetime) -> Effect:
@@ -593,10 +590,9 @@ def _replay_letters_of_customer(conn: Connection, customer: str | None, now: dat
         return
     for letter_id in conn.execute(_LETTERS_OF_CUSTOMER, {"customer": customer}).scalars():
         try:
-            result = replay(conn, letter_id, now)
+            replay(conn, letter_id, now)
         except LookupError:  # being replayed by someone else right now
             continue
-        db.after_commit(result.after_commit)
 
 
 HANDLERS = {
@@ -627,9 +623,11 @@ class Processed:
     user_id: str | None = None
     already: bool = False  # processed before: this delivery changed nothing
 
-    def after_commit(self) -> None:
-        if self.user_id is not None:
-            quota.invalidate([self.user_id])
+
+def _invalidate_after_commit(conn: Connection, user_id: str | None) -> None:
+    """The user's cached quota answers go once the change commits (their plan or period moved)."""
+    if user_id is not None:
+        db.after_commit(conn, lambda: quota.invalidate([user_id]))
 
 
 def _lock_inbox_row(conn: Connection, event_id: str) -> Row | None:
@@ -653,7 +651,7 @@ def _mark_processed(conn: Connection, event_id: str, outcome: str, error: str | 
 def process(conn: Connection, event_id: str, now: datetime) -> Processed:
     """Apply a stored event and mark it processed, in the caller's transaction. The inbox row is locked, so
     two deliveries of one message never both apply it; an event that cannot be applied is dead-lettered.
-    Call `after_commit()` on the result once the transaction has committed."""
+    Once it commits, the user's cached quota goes and the event is counted."""
     row = _lock_inbox_row(conn, event_id)
     if row is None:
         raise Rejected(f"Stripe event {event_id} is not in stripe_events")
@@ -664,10 +662,11 @@ def process(conn: Connection, event_id: str, now: datetime) -> Processed:
         with conn.begin_nested():
             effect = apply_event(conn, row.payload, now)
     except Rejected as exc:
-        record(conn, [Letter("stripe", row.payload, exc.reason, event_id, TASK_NAME)], now)
+        write(conn, [Letter("stripe", row.payload, exc.reason, event_id, TASK_NAME)], now)
         effect, error = Effect("dead_lettered"), exc.reason
     _mark_processed(conn, event_id, effect.outcome, error, now)
-    db.after_commit(functools.partial(metrics.stripe_event, row.type, effect.outcome))
+    db.after_commit(conn, lambda: metrics.stripe_event(row.type, effect.outcome))
+    _invalidate_after_commit(conn, effect.user_id)
     log.info("stripe_event_processed", event_id=event_id, type=row.type, outcome=effect.outcome, note=effect.note)
     return Processed(event_id, effect.outcome, effect.user_id)
 
@@ -682,7 +681,7 @@ def record_failure(conn: Connection, event_id: str, error: str, now: datetime) -
 
 
 @replayer("stripe")
-def replay_event(conn: Connection, payload: Any, now: datetime) -> AfterCommit:
+def replay_event(conn: Connection, payload: Any, now: datetime) -> None:
     """Apply a dead-lettered event again from its inbox row (after the customer was linked, the price
     configured...); an event applied meanwhile is left as it is."""
     event_id = payload.get("id") if isinstance(payload, dict) else None
@@ -690,10 +689,10 @@ def replay_event(conn: Connection, payload: Any, now: datetime) -> AfterCommit:
     if row is None:
         raise Rejected(f"Stripe event {event_id!r} is not in stripe_events")
     if row.outcome in ("applied", "ignored", "stale"):
-        return Processed(event_id, row.outcome, already=True).after_commit
+        return
     effect = apply_event(conn, row.payload, now)
     _mark_processed(conn, event_id, effect.outcome, None, now)
-    return Processed(event_id, effect.outcome, effect.user_id).after_commit
+    _invalidate_after_commit(conn, effect.user_id)
 
 
 # -- the sweep -----------------------------------------------------------------------------------------
@@ -701,7 +700,7 @@ def replay_event(conn: Connection, payload: Any, now: datetime) -> AfterCommit:
 
 @dataclass(frozen=True)
 class SweepResult:
-    requeue: list[str]  # send these to stripe.process_event once the sweep's transaction has committed
+    requeue: list[str]  # sent to stripe.process_event once the sweep's transaction has committed
     dead_lettered: list[str]
 
 
@@ -752,7 +751,7 @@ def sweep(conn: Connection, now: datetime) -> SweepResult:
     params = {"now": now, "cutoff": now - REQUEUE_AFTER, "batch": SWEEP_BATCH}
     closed = list(conn.scalars(_CLOSE_LETTERED, params))
     exhausted = conn.execute(_EXHAUSTED, {**params, "max_attempts": MAX_ATTEMPTS}).all()
-    record(
+    write(
         conn,
         [
             Letter(
@@ -774,6 +773,8 @@ def sweep(conn: Connection, now: datetime) -> SweepResult:
             .values(processed_at=now, outcome="dead_lettered")
         )
     requeue = list(conn.scalars(_REQUEUE, params))
+    if requeue:
+        db.after_commit(conn, lambda: enqueue(requeue))
     if requeue or closed or given_up:
         log.info("stripe_sweep", requeued=len(requeue), dead_lettered=len(closed) + len(given_up))
     return SweepResult(requeue=requeue, dead_lettered=closed + given_up)

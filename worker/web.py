@@ -8,59 +8,29 @@ from uuid import UUID
 
 import kombu.exceptions
 import redis
-import sqlalchemy as sa
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from worker import db, ingest, metrics, quota, stripe_sync
-from worker.cache import redis_client
+from worker import db, health, ingest, quota, stripe_sync
+from worker.clock import utcnow
 from worker.config import settings
 from worker.logs import configure_logging, get_logger
-from worker.tasks.base import utcnow
 
 log = get_logger(__name__)
-
-READINESS_TIMEOUT = 2.0  # seconds for each dependency check
 
 
 async def healthz(_request: Request) -> PlainTextResponse:
     return PlainTextResponse("ok")
 
 
-def _check_postgres() -> None:
-    with db.engine().connect() as conn:
-        conn.execute(sa.text("SET LOCAL statement_timeout = 2000"))
-        conn.execute(sa.text("SELECT 1"))
-
-
-def _check_redis() -> None:
-    redis_client().ping()
-
-
 async def readyz(_request: Request) -> JSONResponse:
-    checks = {"postgresql": _check_postgres, "redis": _check_redis}
-    results = await asyncio.gather(
-        *(asyncio.wait_for(asyncio.to_thread(check), READINESS_TIMEOUT) for check in checks.values()),
-        return_exceptions=True,
-    )
-    down = {name: _why_down(result) for name, result in zip(checks, results, strict=True) if result is not None}
+    down = await health.unavailable()
     if down:
         log.warning("not_ready", down=down)
         return JSONResponse({"status": "unavailable", "down": down}, status_code=503)
     return JSONResponse({"status": "ready"})
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
-def _why_down(exc: BaseException) -> str:
-    if isinstance(exc, TimeoutError):
-        return f"no answer within {READINESS_TIMEOUT} s"
-    return f"{type(exc).__name__}: {_first_line(exc)}"
 
 
 # -- ingest and quota API ----------------------------------------------------------------------------------
@@ -116,7 +86,7 @@ def _unavailable(exc: Exception, route: str) -> JSONResponse:
         down = "PostgreSQL"
     else:
         raise exc
-    log.warning("dependency_unavailable", route=route, down=down, error=_first_line(exc))
+    log.warning("dependency_unavailable", route=route, down=down, error=health.first_line(exc))
     return _error(503, f"{down} is unavailable; retry later", {"Retry-After": "5"})
 
 
@@ -133,10 +103,10 @@ async def ingest_usage(request: Request) -> JSONResponse:
     except ingest.BadRequest as exc:
         return _error(400, exc.reason)
     try:
-        screening = await asyncio.to_thread(ingest.ingest, raw_events, utcnow())
+        outcome = await asyncio.to_thread(ingest.ingest, raw_events)
     except Exception as exc:
         return _unavailable(exc, ingest.ROUTE)
-    return JSONResponse(screening.as_dict(), status_code=202)
+    return JSONResponse(ingest.answer(outcome), status_code=202)
 
 
 async def get_quota(request: Request) -> JSONResponse:
@@ -158,7 +128,7 @@ async def get_quota(request: Request) -> JSONResponse:
 
 
 async def metrics_text(_request: Request) -> Response:
-    body, content_type = await asyncio.to_thread(metrics.exposition)
+    body, content_type = await asyncio.to_thread(health.exposition)
     return Response(body, media_type=content_type)
 
 
@@ -192,7 +162,7 @@ async def stripe_webhook(request: Request) -> JSONResponse:
         try:
             await asyncio.to_thread(stripe_sync.enqueue, [event["id"]])
         except (kombu.exceptions.OperationalError, redis.RedisError) as exc:  # stored: maintenance.sweep queues it
-            log.warning("stripe_event_not_queued", event_id=event["id"], error=_first_line(exc))
+            log.warning("stripe_event_not_queued", event_id=event["id"], error=health.first_line(exc))
     return JSONResponse({"received": True, "duplicate": not stored})
 
 

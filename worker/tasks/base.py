@@ -1,59 +1,49 @@
 """The one place where task failures are sorted into retry, dead letter or success.
 
 - Rejected (bad input): dead-lettered with its reason; the message is acknowledged.
-- A transient database error (deadlock, serialization failure, lost connection): retried with
-  exponential backoff; after max_retries the input is dead-lettered rather than dropped.
+- A transient database error (deadlock, serialization failure, lock or idle timeout, lost connection):
+  retried with exponential backoff; after MAX_RETRIES the input is dead-lettered rather than dropped.
 - Any other exception is a bug or an unforeseen input: dead-lettered with the exception as reason.
 - If even the dead letter cannot be written (PostgreSQL down), the task is retried without limit:
   the message is never acknowledged without its effect or its letter being committed.
+
+The retry decision itself is worker.retry's, shared with the in-place retries of the coalesced usage
+flush and the HTTP ingest.
 """
 
 from __future__ import annotations
 
-import random
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime
 
 import celery
 
 from worker import db
-from worker.dead_letters import Letter, Rejected, record
+from worker.clock import utcnow
+from worker.dead_letters import Letter, Rejected, write
 from worker.logs import get_logger
+from worker.retry import MAX_RETRIES, failure_reason, retry_delay
 
 log = get_logger(__name__)
-
-MAX_BACKOFF = 60.0  # seconds
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
-
-
-def backoff(retries: int) -> float:
-    """Seconds before retry number `retries + 1`: exponential with full jitter, capped."""
-    return random.uniform(0.5, 1.0) * min(MAX_BACKOFF, 0.5 * 2**retries)
-
-
-def parse_now(value: str | None) -> datetime:
-    """A task's optional ISO-8601 `now` argument; the current time when absent."""
-    if value is None:
-        return utcnow()
-    parsed = datetime.fromisoformat(value)
-    if parsed.tzinfo is None:
-        raise ValueError(f"now={value!r} has no UTC offset")
-    return parsed
 
 
 def write_letters(letters: list[Letter]) -> None:
     """Store dead letters in a transaction of their own."""
     with db.transaction() as conn:
-        record(conn, letters, utcnow())
+        write(conn, letters, utcnow())
 
 
 class WorkerTask(celery.Task):
     acks_late = True
-    max_retries = 10
+    max_retries = MAX_RETRIES
+
+    def retry_or_raise(self, exc: Exception) -> None:
+        """Retry the task when `retry_delay` says so (raising celery's Retry); else return."""
+        retries = self.request.retries or 0
+        delay = retry_delay(exc, retries, self.max_retries)
+        if delay is not None:
+            log.warning("task_retry", task=self.name, task_id=self.request.id, retries=retries, error=str(exc))
+            raise self.retry(exc=exc, countdown=delay) from exc
 
     @contextmanager
     def dead_lettering(self, letters: Callable[[str], list[Letter]]) -> Iterator[None]:
@@ -63,18 +53,14 @@ class WorkerTask(celery.Task):
         except Rejected as exc:
             self._dead_letter(letters(exc.reason))
         except Exception as exc:
-            retries = self.request.retries or 0
-            if db.is_transient(exc) and retries < self.max_retries:
-                log.warning("task_retry", task=self.name, task_id=self.request.id, retries=retries, error=str(exc))
-                raise self.retry(exc=exc, countdown=backoff(retries)) from exc
-            prefix = f"gave up after {retries + 1} attempts: " if db.is_transient(exc) else ""
+            self.retry_or_raise(exc)
             log.exception("task_failed", task=self.name, task_id=self.request.id)
-            self._dead_letter(letters(f"{prefix}{type(exc).__name__}: {exc}"))
+            self._dead_letter(letters(failure_reason(exc, self.request.retries or 0)))
 
     def _dead_letter(self, letters: list[Letter]) -> None:
         try:
             write_letters(letters)
         except Exception as exc:
             log.exception("dead_letter_write_failed", task=self.name, task_id=self.request.id)
-            retries = self.request.retries or 0
-            raise self.retry(exc=exc, countdown=backoff(retries), max_retries=None) from exc
+            delay = retry_delay(exc, self.request.retries or 0, max_retries=None) or 1.0
+            raise self.retry(exc=exc, countdown=delay, max_retries=None) from exc

@@ -12,62 +12,62 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
-from worker import db, maintenance
-from worker.celery_app import app
+from worker.celery import app
+from worker.clock import parse_moment
 from worker.logs import get_logger
-from worker.tasks.base import WorkerTask, backoff, parse_now
+from worker.maintenance import jobs
+from worker.maintenance.runner import JobRun
+from worker.tasks.base import WorkerTask
 
 log = get_logger(__name__)
 
 
 def _now(task: WorkerTask, value: Any) -> datetime:
     try:
-        return parse_now(value)
+        return parse_moment(value)
     except (TypeError, ValueError) as exc:
         reason = f"now must be an ISO-8601 time with a UTC offset, got {value!r} ({exc})"
         log.error("maintenance_rejected", task=task.name, reason=reason)
         raise ValueError(reason) from exc
 
 
-def _run(task: WorkerTask, job: Callable[[], maintenance.JobRun]) -> dict[str, Any]:
+def _run(task: WorkerTask, job: Callable[[], JobRun[Any]]) -> dict[str, Any]:
     try:
         return job().as_dict()
     except Exception as exc:
-        retries = task.request.retries or 0
-        if db.is_transient(exc) and retries < task.max_retries:
-            raise task.retry(exc=exc, countdown=backoff(retries)) from exc
+        task.retry_or_raise(exc)
         raise
 
 
 @app.task(name="maintenance.reset_monthly_usage", base=WorkerTask, bind=True)
 def reset_monthly_usage(self: WorkerTask, now: str | None = None) -> dict[str, Any]:
     at = _now(self, now)
-    return _run(self, lambda: maintenance.run_reset_monthly_usage(at))
+    return _run(self, lambda: jobs.run_reset_monthly_usage(at))
 
 
 @app.task(name="maintenance.ensure_partitions", base=WorkerTask, bind=True)
 def ensure_partitions(self: WorkerTask, now: str | None = None, months_ahead: int = 3) -> dict[str, Any]:
     at = _now(self, now)
     try:
-        maintenance.check_months_ahead(months_ahead)
+        jobs.check_months_ahead(months_ahead)
     except ValueError as exc:
         log.error("maintenance_rejected", task=self.name, reason=str(exc))
         raise
-    return _run(self, lambda: maintenance.run_ensure_partitions(at, months_ahead))
+    return _run(self, lambda: jobs.run_ensure_partitions(at, months_ahead))
 
 
 @app.task(name="maintenance.refresh_materialized_views", base=WorkerTask, bind=True)
 def refresh_materialized_views(self: WorkerTask) -> dict[str, Any]:
-    return _run(self, maintenance.run_refresh_materialized_views)
+    return _run(self, jobs.run_refresh_materialized_views)
 
 
 @app.task(name="maintenance.aggregate_usage", base=WorkerTask, bind=True)
 def aggregate_usage(self: WorkerTask, now: str | None = None) -> dict[str, Any]:
     at = _now(self, now)
-    return _run(self, lambda: maintenance.run_aggregate_usage(at))
+    return _run(self, lambda: jobs.run_aggregate_usage(at))
 
 
 @app.task(name="maintenance.sweep", base=WorkerTask, bind=True)
 def sweep(self: WorkerTask, now: str | None = None) -> dict[str, Any]:
     at = _now(self, now)
-    return _run(self, lambda: maintenance.run_sweep(at))
+    return _run(self, lambda: jobs.run_sweep(at))

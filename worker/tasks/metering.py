@@ -12,39 +12,20 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from celery import current_task
 from celery_batches import Batches, SimpleRequest
 
-from worker import db, metering, metrics, quota
-from worker.celery_app import app
+from worker.celery import app
 from worker.config import settings
 from worker.dead_letters import Letter, Rejected
 from worker.logs import get_logger
-from worker.tasks.base import WorkerTask, backoff, utcnow, write_letters
+from worker.metering.events import MAX_BATCH_EVENTS
+from worker.metering.pipeline import apply_batch
+from worker.retry import failure_reason, retry_delay
+from worker.tasks.base import WorkerTask, write_letters
 
 log = get_logger(__name__)
 
 FLUSH_ATTEMPTS = 5  # in-place tries of a coalesced flush before its events are re-queued as one batch
-
-
-def record(events: list[Any], task_name: str) -> metering.Outcome:
-    """Apply events in one transaction, then make the quota of every touched user current."""
-    started = time.perf_counter()
-    with db.transaction() as conn:
-        outcome = metering.apply_events(conn, events, utcnow(), task_name=task_name)
-    metrics.usage_batch_committed(outcome, len(events), time.perf_counter() - started)
-    quota.publish(outcome.quotas.values())
-    log.info(
-        "usage_recorded",
-        task=task_name,
-        task_id=current_task.request.id if current_task else None,
-        accepted=len(outcome.accepted),
-        duplicates=len(outcome.duplicates),
-        rejected=len(outcome.rejected),
-        event_ids=outcome.accepted,
-        duplicate_event_ids=outcome.duplicates,
-    )
-    return outcome
 
 
 @app.task(name="metering.record_usage_batch", base=WorkerTask, bind=True)
@@ -53,9 +34,9 @@ def record_usage_batch(self: WorkerTask, events: Any) -> None:
         return _letters(events if isinstance(events, list) else [events], reason, self.name)
 
     with self.dead_lettering(letters):
-        if not isinstance(events, list) or not 1 <= len(events) <= metering.MAX_BATCH_EVENTS:
-            raise Rejected(f"events must be a list of 1 to {metering.MAX_BATCH_EVENTS} usage events")
-        record(events, self.name)
+        if not isinstance(events, list) or not 1 <= len(events) <= MAX_BATCH_EVENTS:
+            raise Rejected(f"events must be a list of 1 to {MAX_BATCH_EVENTS} usage events")
+        apply_batch(events, self.name)
 
 
 def _letters(events: list[Any], reason: str, task_name: str) -> list[Letter]:
@@ -127,15 +108,16 @@ def record_usage(requests: list[SimpleRequest]) -> None:
     events = [_event_of(request) for request in requests]
     for attempt in range(FLUSH_ATTEMPTS):
         try:
-            record(events, "metering.record_usage")
+            apply_batch(events, "metering.record_usage")
             return
         except Exception as exc:
-            if not db.is_transient(exc):
+            delay = retry_delay(exc, attempt)
+            if delay is None:
                 log.exception("usage_flush_failed", events=len(events))
-                write_letters(_letters(events, f"{type(exc).__name__}: {exc}", "metering.record_usage"))
+                write_letters(_letters(events, failure_reason(exc, attempt), "metering.record_usage"))
                 return
             log.warning("usage_flush_retry", attempt=attempt + 1, events=len(events), error=str(exc))
-            time.sleep(backoff(attempt))
+            time.sleep(delay)
     # Still failing: hand the events to the batch task, whose retries and dead letters take over.
-    for start in range(0, len(events), metering.MAX_BATCH_EVENTS):
-        app.send_task("metering.record_usage_batch", args=[events[start : start + metering.MAX_BATCH_EVENTS]])
+    for start in range(0, len(events), MAX_BATCH_EVENTS):
+        app.send_task("metering.record_usage_batch", args=[events[start : start + MAX_BATCH_EVENTS]])

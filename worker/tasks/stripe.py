@@ -5,10 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 from worker import db, stripe_sync
-from worker.celery_app import app
+from worker.celery import app
+from worker.clock import utcnow
 from worker.dead_letters import Letter, Rejected, storable_text
 from worker.logs import get_logger
-from worker.tasks.base import WorkerTask, utcnow
+from worker.tasks.base import WorkerTask
 
 log = get_logger(__name__)
 
@@ -33,10 +34,9 @@ def process_event(self: WorkerTask, event_id: Any) -> None:
             raise Rejected(f"event_id must be the id of a stored Stripe event, got {event_id!r:.100}")
         try:
             with db.transaction() as conn:
-                processed = stripe_sync.process(conn, event_id, utcnow())
+                stripe_sync.process(conn, event_id, utcnow())
         except Rejected:
             raise
         except Exception as exc:
             _count_failed_try(event_id, exc)
             raise
-        processed.after_commit()

@@ -1,251 +1,31 @@
-"""Periodic jobs: monthly resets, partitions ahead, the statistics view, usage rolled into learning progress,
-the Stripe inbox sweep; and the runner they all go through.
+"""Learning progress: usage_tracking hours that have ended, rolled into language_settings,
+learning_progress and the streak achievements (maintenance.aggregate_usage).
 
-The runner (`run_job`) gives each job one transaction that starts with the job's transaction-level advisory
-lock, so two beats, a manual run and a late run never do one job's work at the same time; the lock ends
-with the transaction, also when the process dies. Beat-started runs skip when the lock is taken: the run
-holding it does the same work, the next tick comes soon, and waiting would only tie up a worker and a
-connection. An operator's `python -m worker reset-due` waits instead: it was asked for that run's effect,
-and the wait is as long as the run in progress. Exactly-once does not rest on the lock alone: every job is
-idempotent at the row level as well (SKIP LOCKED, ON CONFLICT, deltas), for callers that bypass the runner.
-
-Each run is recorded in `maintenance_runs`: its start in a transaction of its own (visible while it runs),
-its success in the job's own transaction (recorded if and only if the work commits), a failure after the
-rollback. Times there are the worker's clock; the business time a job works for is its explicit `now`.
+usage_tracking hours that have ended roll into learning progress per user and language. What is rolled
+is the difference between an hour's language_breakdown and the part already rolled (aggregated_breakdown),
+so a second run adds nothing and usage arriving late for an aggregated hour (metering adds to the hour and
+clears is_aggregated) is added by its difference only. Minutes stay exact: learning_progress keeps the
+exact total in milliseconds (total_study_ms), and both minute totals grow by the whole minutes that total
+gained (floor(new ms / 60000) - floor(old ms / 60000)); adding each hour's own rounded minutes would lose
+up to a minute per hour. Days and weeks are the user's (profiles.timezone, UTC when unset or unknown); an
+hour counts for the local day in which it starts (in zones with a half-hour offset, the half hour after
+local midnight is counted with the day before, as hours are the finest unit usage_tracking keeps).
+consecutive_days is the run of study days ending at last_study_date; usage arriving for a day before
+last_study_date counts its minutes but does not rebuild an earlier streak.
 """
 
 from __future__ import annotations
 
 import json
-import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
-from typing import Any, Generic, TypeVar
+from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.engine import Connection
-
-from worker import db, periods, quota, stripe_sync
-from worker.logs import get_logger
-from worker.tables import maintenance_runs
-from worker.tasks.base import utcnow
-
-log = get_logger(__name__)
-
-T = TypeVar("T")
-
-MAX_ERROR_CHARS = 2000
-LOCK_NOT_AVAILABLE = "55P03"  # SQLSTATE of a lock_timeout
-
-
-# -- the job runner --------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class JobRun(Generic[T]):
-    job: str
-    ran: bool  # False: another run held the job's lock, so this one did nothing
-    result: T | None = None
-    summary: dict[str, Any] = field(default_factory=dict)
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"job": self.job, "ran": self.ran, **self.summary}
-
-
-_TRY_LOCK = sa.text("SELECT pg_try_advisory_xact_lock(hashtext(:key))")
-_WAIT_LOCK = sa.text("SELECT true FROM (SELECT pg_advisory_xact_lock(hashtext(:key))) AS waited_for_it")
-
-
-def _take_lock(conn: Connection, job: str, wait: bool) -> bool:
-    return bool(conn.execute(_WAIT_LOCK if wait else _TRY_LOCK, {"key": f"worldspeak:maintenance:{job}"}).scalar())
-
-
-def _record(conn: Connection, job: str, **values: Any) -> None:
-    statement = pg_insert(maintenance_runs).values(job=job, **values)
-    conn.execute(statement.on_conflict_do_update(index_elements=[maintenance_runs.c.job], set_=values))
-
-
-def _elapsed_ms(clock: float) -> int:
-    return round((time.monotonic() - clock) * 1000)
-
-
-def run_job(job: str, work: Callable[[Connection], T], describe: Callable[[T], dict], wait: bool = False) -> JobRun[T]:
-    """Run `work` in one transaction under the job's advisory lock (skip when it is taken, or wait for it
-    with `wait`), recording the run in maintenance_runs. Exceptions propagate after being recorded."""
-    clock = time.monotonic()
-    started = False
-    try:
-        with db.transaction() as conn:
-            if not _take_lock(conn, job, wait):
-                log.info("maintenance_skipped", job=job, reason="another run of this job holds its lock")
-                return JobRun(job, ran=False)
-            started = True
-            with db.transaction() as own:  # committed now, so operators see the run while it lasts
-                _record(own, job, last_started_at=utcnow())
-            result = work(conn)
-            _record(conn, job, last_succeeded_at=utcnow(), last_duration_ms=_elapsed_ms(clock), last_error=None)
-    except Exception as exc:
-        if started:
-            _record_failure(job, clock, exc)
-        raise
-    summary = describe(result)
-    log.info("maintenance_done", job=job, duration_ms=_elapsed_ms(clock), **summary)
-    return JobRun(job, ran=True, result=result, summary=summary)
-
-
-def _record_failure(job: str, clock: float, exc: Exception) -> None:
-    error = f"{type(exc).__name__}: {exc}"[:MAX_ERROR_CHARS]
-    log.error("maintenance_failed", job=job, error=error)
-    try:
-        with db.transaction() as conn:
-            _record(conn, job, last_duration_ms=_elapsed_ms(clock), last_error=error)
-    except Exception:
-        log.exception("maintenance_failure_not_recorded", job=job)
-
-
-def _set_lock_timeout(conn: Connection, milliseconds: int) -> None:
-    """Give up on a lock after this long, for the rest of the transaction: a job that queues behind a long
-    transaction for a strong lock would block every later reader of that table."""
-    conn.execute(sa.text("SELECT set_config('lock_timeout', :value, true)"), {"value": f"{milliseconds}ms"})
-
-
-def _is_lock_timeout(exc: sa.exc.DBAPIError) -> bool:
-    return getattr(exc.orig, "sqlstate", None) == LOCK_NOT_AVAILABLE
-
-
-# -- maintenance.reset_monthly_usage ---------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Reset:
-    moved: periods.ResetResult
-    quotas: dict[str, quota.Quota]  # the moved users' quotas, published once the reset has committed
-
-
-def reset_monthly_usage(conn: Connection, now: datetime) -> Reset:
-    """Archive every period that has ended by `now` and start the next one (periods.advance_due), and read
-    the moved users' new quotas in the same transaction."""
-    moved = periods.advance_due(conn, now)
-    if moved.busy:
-        log.info("usage_reset_deferred", users=len(moved.busy), reason="rows held by another transaction")
-    return Reset(moved, quota.read(conn, moved.users, now) if moved.users else {})
-
-
-def _describe_reset(reset: Reset) -> dict:
-    moved = reset.moved
-    return {
-        "users_moved": len(moved.users),
-        "periods_archived": moved.periods_archived,
-        "users_deferred": len(moved.busy),
-    }
-
-
-def run_reset_monthly_usage(now: datetime, wait: bool = False) -> JobRun[Reset]:
-    run = run_job("reset_monthly_usage", lambda conn: reset_monthly_usage(conn, now), _describe_reset, wait=wait)
-    if run.ran:
-        quota.publish(run.result.quotas.values())
-    return run
-
-
-# -- maintenance.ensure_partitions -----------------------------------------------------------------------
-
-MAX_MONTHS_AHEAD = 120
-PARTITION_LOCK_TIMEOUT_MS = 5000
-
-# create_monthly_partition (schema.sql) serialises its callers with an advisory lock and does nothing for
-# a month that exists, so a partition created meanwhile by anyone else is no error.
-_CREATE_PARTITIONS = sa.text(
-    """
-    SELECT create_monthly_partition(month::date)
-    FROM generate_series(date_trunc('month', CAST(:now AS timestamptz) AT TIME ZONE 'UTC'),
-                         date_trunc('month', CAST(:now AS timestamptz) AT TIME ZONE 'UTC')
-                             + make_interval(months => :months_ahead),
-                         INTERVAL '1 month') AS month
-    WHERE to_regclass(format('public.messages_%s', to_char(month, 'YYYY_MM'))) IS NULL
-    ORDER BY month
-    """
-)
-
-
-@dataclass(frozen=True)
-class Partitions:
-    created: list[str]
-
-
-def check_months_ahead(months_ahead: Any) -> None:
-    if isinstance(months_ahead, bool) or not isinstance(months_ahead, int):
-        raise ValueError(f"months_ahead must be a whole number, got {months_ahead!r}")
-    if not 0 <= months_ahead <= MAX_MONTHS_AHEAD:
-        raise ValueError(f"months_ahead must be between 0 and {MAX_MONTHS_AHEAD}, got {months_ahead}")
-
-
-def ensure_partitions(conn: Connection, now: datetime, months_ahead: int = 3) -> Partitions:
-    """Partitions of `messages` for the UTC month of `now` and the `months_ahead` months after it; rows of
-    those months waiting in messages_default move into them. Returns the partitions it created."""
-    check_months_ahead(months_ahead)
-    _set_lock_timeout(conn, PARTITION_LOCK_TIMEOUT_MS)
-    created = list(conn.execute(_CREATE_PARTITIONS, {"now": now, "months_ahead": months_ahead}).scalars())
-    return Partitions(created)
-
-
-def run_ensure_partitions(now: datetime, months_ahead: int = 3) -> JobRun[Partitions]:
-    return run_job(
-        "ensure_partitions",
-        lambda conn: ensure_partitions(conn, now, months_ahead),
-        lambda partitions: {"created": partitions.created},
-    )
-
-
-# -- maintenance.refresh_materialized_views --------------------------------------------------------------
-
-REFRESH_LOCK_TIMEOUT_MS = 1000
-
-_VIEW_POPULATED = sa.text("SELECT relispopulated FROM pg_class WHERE oid = 'public.user_statistics'::regclass")
-
-
-@dataclass(frozen=True)
-class Refresh:
-    mode: str  # "concurrently", "populated" (first fill, which cannot be concurrent) or "skipped"
-
-
-def refresh_materialized_views(conn: Connection) -> Refresh:
-    """Refresh user_statistics without blocking its readers (refresh_user_statistics() in schema.sql fills
-    an unpopulated view normally first). A refresh already running, also one started outside this job,
-    holds the view's lock: this one is skipped rather than queued behind it."""
-    populated = conn.execute(_VIEW_POPULATED).scalar_one()
-    try:
-        with conn.begin_nested():
-            _set_lock_timeout(conn, REFRESH_LOCK_TIMEOUT_MS)
-            conn.execute(sa.text("SELECT refresh_user_statistics()"))
-    except sa.exc.DBAPIError as exc:
-        if not _is_lock_timeout(exc):
-            raise
-        log.info("user_statistics_refresh_skipped", reason="another refresh of the view is running")
-        return Refresh("skipped")
-    return Refresh("concurrently" if populated else "populated")
-
-
-def run_refresh_materialized_views() -> JobRun[Refresh]:
-    return run_job("refresh_materialized_views", refresh_materialized_views, lambda refresh: {"mode": refresh.mode})
-
-
-# -- maintenance.aggregate_usage -------------------------------------------------------------------------
-#
-# usage_tracking hours that have ended roll into learning progress per user and language. What is rolled
-# is the difference between an hour's language_breakdown and the part already rolled (aggregated_breakdown),
-# so a second run adds nothing and usage arriving late for an aggregated hour (metering adds to the hour and
-# clears is_aggregated) is added by its difference only. Minutes stay exact: learning_progress keeps the
-# exact total in milliseconds (total_study_ms), and both minute totals grow by the whole minutes that total
-# gained (floor(new ms / 60000) - floor(old ms / 60000)); adding each hour's own rounded minutes would lose
-# up to a minute per hour. Days and weeks are the user's (profiles.timezone, UTC when unset or unknown); an
-# hour counts for the local day in which it starts (in zones with a half-hour offset, the half hour after
-# local midnight is counted with the day before, as hours are the finest unit usage_tracking keeps).
-# consecutive_days is the run of study days ending at last_study_date; usage arriving for a day before
-# last_study_date counts its minutes but does not rebuild an earlier streak.
 
 AGGREGATE_BATCH = 5000  # hour rows per round
 
@@ -521,31 +301,3 @@ def aggregate_usage(conn: Connection, now: datetime) -> Aggregation:
         pass
     conn.execute(_START_NEW_WEEKS, {"now": now})
     return result
-
-
-def run_aggregate_usage(now: datetime) -> JobRun[Aggregation]:
-    return run_job(
-        "aggregate_usage",
-        lambda conn: aggregate_usage(conn, now),
-        lambda result: {
-            "hours": result.hours,
-            "users": len(result.users),
-            "minutes": result.minutes,
-            "achievements": result.achievements,
-        },
-    )
-
-
-# -- maintenance.sweep -----------------------------------------------------------------------------------
-
-
-def run_sweep(now: datetime) -> JobRun[stripe_sync.SweepResult]:
-    """stripe_sync.sweep in the job's transaction; the events it found are queued once that has committed."""
-    run = run_job(
-        "sweep",
-        lambda conn: stripe_sync.sweep(conn, now),
-        lambda swept: {"requeued": len(swept.requeue), "dead_lettered": len(swept.dead_lettered)},
-    )
-    if run.ran:
-        stripe_sync.enqueue(run.result.requeue)
-    return run

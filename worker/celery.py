@@ -1,5 +1,9 @@
 """The Celery application: queues, at-least-once delivery settings, the beat schedule.
 
+`celery -A worker` finds it here (Celery looks for `worker.celery` when the package itself has no app).
+Task modules are named, not imported, so this module stays plumbing: importing it builds the app without
+importing any domain module.
+
 Delivery is at least once and the tasks make it exactly once in effect (every write is idempotent on
 the event id), so every setting here leans towards redelivering rather than losing a message:
 - late acks: a message is acknowledged after its task returned, i.e. after the database commit;
@@ -18,11 +22,11 @@ from celery import Celery, signals
 from kombu import Exchange, Queue
 
 from worker import metrics
-from worker.config import settings
+from worker.config import QUEUES, settings
 from worker.logs import configure_logging
 
-QUEUES = ("usage", "stripe", "maintenance")
 TASK_MODULES = ["worker.tasks.metering", "worker.tasks.stripe", "worker.tasks.maintenance"]
+CONSUMER = "worker.tasks.consumer:DeadLetteringConsumer"
 
 
 def redis_transport_options(visibility_timeout: int) -> dict[str, int]:
@@ -68,6 +72,7 @@ def create_app() -> Celery:
             "stripe.*": {"queue": "stripe"},
             "maintenance.*": {"queue": "maintenance"},
         },
+        worker_consumer=CONSUMER,
         worker_hijack_root_logger=False,
         timezone="UTC",
         enable_utc=True,
