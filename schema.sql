@@ -4,10 +4,11 @@
 --
 -- How it is applied: `python -m worker migrate` wraps the whole file in one transaction under an
 -- advisory lock. So this file contains no BEGIN/COMMIT and nothing that refuses to run in a transaction
--- block (no CREATE INDEX CONCURRENTLY, no REINDEX CONCURRENTLY, no ALTER SYSTEM, no VACUUM).
+-- block (no CREATE INDEX CONCURRENTLY, no REINDEX CONCURRENTLY, no ALTER SYSTEM, no VACUUM). By hand, the
+-- same: `psql -v ON_ERROR_STOP=1 --single-transaction -f schema.sql`. Always as the same role (section 0).
 --
--- Re-appliable: running it again changes nothing (IF NOT EXISTS, CREATE OR REPLACE, DROP POLICY IF
--- EXISTS + CREATE POLICY, DO blocks that look at the catalogs first).
+-- Re-appliable: running it again changes nothing (IF NOT EXISTS, CREATE OR REPLACE, policies dropped and
+-- created again, DO blocks that look at the catalogs first).
 --
 -- Runs on plain PostgreSQL 15+ and unchanged on Supabase. On plain PostgreSQL it creates the small part
 -- of Supabase it relies on (schema auth, auth.users, auth.uid(), roles anon / authenticated /
@@ -20,7 +21,62 @@
 --   * ANALYZE / REINDEX TABLE CONCURRENTLY: periodic maintenance, and CONCURRENTLY cannot run here.
 -- =====================================================================================================
 
-SET LOCAL client_min_messages = warning;  -- keep the "already exists, skipping" notices of a re-run quiet
+-- Keep the "already exists, skipping" notices of a re-run quiet. A session setting, not SET LOCAL: psql -f
+-- runs each statement in a transaction of its own, where SET LOCAL would only warn and last one statement.
+SET client_min_messages = warning;
+
+
+-- -----------------------------------------------------------------------------------------------------
+-- 0. Who applies it
+--    Only an object's owner may replace it (CREATE OR REPLACE, DROP POLICY, ALTER, REVOKE), so a re-run
+--    must act as the role that created the objects of the first run. Applied on Supabase once as
+--    supabase_admin (as Studio's SQL editor long did on self-hosted and local projects), then as
+--    postgres, it used to fail half-way with "must be owner of function update_updated_at". Now, before
+--    anything changes: a role that may act as the owner (a member of it, or a superuser) does so for the
+--    rest of the session, so new objects get the same owner; any other role stops here, told which role
+--    to use. The owners are read off the first function and the first table this file creates.
+-- -----------------------------------------------------------------------------------------------------
+DO $owner$
+DECLARE
+    v_owners TEXT[];
+BEGIN
+    SELECT array_agg(DISTINCT earlier.owner ORDER BY earlier.owner)
+      INTO v_owners
+    FROM (
+        SELECT pg_catalog.pg_get_userbyid(proowner)::text
+        FROM pg_catalog.pg_proc WHERE oid = pg_catalog.to_regprocedure('public.update_updated_at()')
+        UNION ALL
+        SELECT pg_catalog.pg_get_userbyid(relowner)::text
+        FROM pg_catalog.pg_class WHERE oid = pg_catalog.to_regclass('public.profiles')
+    ) AS earlier(owner);
+
+    IF v_owners IS NULL OR v_owners = ARRAY[current_user::text] THEN
+        RETURN;  -- the first run, or the owner itself
+    END IF;
+    IF cardinality(v_owners) = 1 THEN
+        BEGIN
+            EXECUTE format('SET ROLE %I', v_owners[1]);
+            RETURN;
+        EXCEPTION WHEN insufficient_privilege THEN
+            NULL;  -- not a member of the owner: stop below
+        END;
+    END IF;
+
+    RAISE EXCEPTION
+            'schema.sql must be applied as the role that owns its objects (%); role % cannot act as it',
+            array_to_string(v_owners, ', '), current_user
+        USING ERRCODE = 'insufficient_privilege',
+              DETAIL = 'Nothing was changed.',
+              HINT = CASE
+                  WHEN cardinality(v_owners) = 1 THEN format(
+                      'Run migrate as %s: DATABASE_URL=postgresql://%s:<password>@<host>:<port>/%s'
+                      ' python -m worker migrate',
+                      v_owners[1], v_owners[1], current_database()
+                  )
+                  ELSE 'Give them a single owner first (ALTER ... OWNER TO), then run migrate as that role.'
+              END;
+END
+$owner$;
 
 -- pgcrypto: pgp_sym_encrypt/decrypt for audio URLs. Supabase already has it (in schema `extensions`);
 -- plain PostgreSQL gets it in the first schema of the search path (public). Functions that use it set
@@ -142,13 +198,20 @@ BEGIN
 END;
 $$;
 
+-- Schema private: what the policies call but no client may. PostgREST serves only its exposed schemas
+-- (public and graphql_public by default), and Supabase advises never to put a SECURITY DEFINER function in
+-- one: anyone who may execute it can call it as an RPC with its owner's rights.
+CREATE SCHEMA IF NOT EXISTS private;
+-- Policies run with the caller's privileges, so signed-in users need to reach what their policies call.
+GRANT USAGE ON SCHEMA private TO authenticated, service_role;
+
 -- Whether the caller is an admin. Reads raw_app_meta_data, which only the service can write. The seed's
 -- policy read raw_user_meta_data, which every user can edit through the auth API (defect: anyone could
 -- make themselves admin). SECURITY DEFINER because authenticated may not read auth.users.
-CREATE OR REPLACE FUNCTION is_admin()
+CREATE OR REPLACE FUNCTION private.is_admin()
 RETURNS BOOLEAN
 LANGUAGE sql STABLE SECURITY DEFINER
-SET search_path = pg_catalog, public, extensions, pg_temp
+SET search_path = pg_catalog, pg_temp
 AS $$
     SELECT EXISTS (
         SELECT 1
@@ -156,6 +219,16 @@ AS $$
         WHERE u.id = auth.uid()
           AND u.raw_app_meta_data ->> 'role' = 'admin'
     )
+$$;
+
+-- The same answer for the app (RPC is_admin), with the caller's rights: the definer's rights stay in the
+-- private function, which answers about the caller only.
+CREATE OR REPLACE FUNCTION is_admin()
+RETURNS BOOLEAN
+LANGUAGE sql STABLE SECURITY INVOKER
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT private.is_admin()
 $$;
 
 -- Adds two JSON objects of numbers key by key ({"en": 1.5} + {"en": 0.5, "ja": 2} = {"en": 2.0, "ja": 2});
@@ -449,6 +522,8 @@ CREATE INDEX IF NOT EXISTS idx_scripts_language_pair ON conversation_scripts USI
 CREATE INDEX IF NOT EXISTS idx_scripts_scenario ON conversation_scripts (scenario);
 CREATE INDEX IF NOT EXISTS idx_scripts_category ON conversation_scripts (category);
 CREATE INDEX IF NOT EXISTS idx_scripts_tags ON conversation_scripts USING GIN (tags);
+-- added: the write policies filter on created_by, and deleting a profile sets its scripts' created_by NULL
+CREATE INDEX IF NOT EXISTS idx_scripts_created_by ON conversation_scripts (created_by);
 
 -- 3.6 subscriptions: one row per user (unique user_id), always holding the user's current period.
 CREATE TABLE IF NOT EXISTS subscriptions (
@@ -1136,9 +1211,12 @@ $$;
 -- conversation_scripts and audit_logs; the admin policy trusted raw_user_meta_data; policies had no
 -- WITH CHECK, so USING was the only guard. Now: RLS on every table; each user-facing table has
 -- policies for role `authenticated` limited to the caller's rows, with WITH CHECK so nobody can write
--- rows owned by someone else; admins (is_admin(), from raw_app_meta_data) reach all rows; `anon` has no
--- policy and sees nothing. auth.uid() / is_admin() are wrapped in (SELECT ...) so they are evaluated
--- once per statement, not per row.
+-- rows owned by someone else; admins (private.is_admin(), from raw_app_meta_data) reach all rows; `anon`
+-- has no policy and sees nothing.
+-- As Supabase's linter (splinter) asks: one permissive policy per table, role and command, the caller's
+-- rows OR an admin in one expression (lint multiple_permissive_policies: every permissive policy that
+-- applies is evaluated for every row); auth.uid() and private.is_admin() wrapped in (SELECT ...), so each
+-- is evaluated once per statement, not per row (lint auth_rls_initplan).
 -- The worker connects as the tables' owner (or service_role, which has BYPASSRLS) and is not filtered.
 -- -----------------------------------------------------------------------------------------------------
 ALTER TABLE profiles ENABLE ROW LEVEL SECURITY;
@@ -1162,118 +1240,130 @@ ALTER TABLE usage_periods ENABLE ROW LEVEL SECURITY;
 ALTER TABLE usage_alerts ENABLE ROW LEVEL SECURITY;
 ALTER TABLE maintenance_runs ENABLE ROW LEVEL SECURITY;
 
--- profiles: own profile only (seed policy, now with WITH CHECK and only for signed-in users)
-DROP POLICY IF EXISTS "Users can CRUD own profile" ON profiles;
-CREATE POLICY "Users can CRUD own profile" ON profiles
+-- The policies of the user-facing tables are this file's alone: all of them are dropped and created
+-- again, so a re-run also removes those of earlier versions (e.g. the separate admin policies).
+DO $drop_policies$
+DECLARE
+    v_policy RECORD;
+BEGIN
+    FOR v_policy IN
+        SELECT policyname, tablename FROM pg_catalog.pg_policies
+        WHERE schemaname = 'public' AND tablename = ANY (ARRAY[
+            'profiles', 'language_settings', 'conversations', 'messages', 'conversation_scripts',
+            'subscriptions', 'usage_tracking', 'learning_progress', 'achievements', 'audit_logs'
+        ])
+    LOOP
+        EXECUTE format('DROP POLICY %I ON public.%I', v_policy.policyname, v_policy.tablename);
+    END LOOP;
+END
+$drop_policies$;
+
+-- profiles: own profile (seed policy, now with WITH CHECK and only for signed-in users)
+CREATE POLICY "Users can CRUD own profile, admins all" ON profiles
     FOR ALL TO authenticated
-    USING (id = (SELECT auth.uid()))
-    WITH CHECK (id = (SELECT auth.uid()));
+    USING (id = (SELECT auth.uid()) OR (SELECT private.is_admin()))
+    WITH CHECK (id = (SELECT auth.uid()) OR (SELECT private.is_admin()));
 
 -- language_settings (seed: RLS off)
-DROP POLICY IF EXISTS "Users can CRUD own language settings" ON language_settings;
-CREATE POLICY "Users can CRUD own language settings" ON language_settings
+CREATE POLICY "Users can CRUD own language settings, admins all" ON language_settings
     FOR ALL TO authenticated
-    USING (user_id = (SELECT auth.uid()))
-    WITH CHECK (user_id = (SELECT auth.uid()));
+    USING (user_id = (SELECT auth.uid()) OR (SELECT private.is_admin()))
+    WITH CHECK (user_id = (SELECT auth.uid()) OR (SELECT private.is_admin()));
 
-DROP POLICY IF EXISTS "Users can CRUD own conversations" ON conversations;
-CREATE POLICY "Users can CRUD own conversations" ON conversations
+CREATE POLICY "Users can CRUD own conversations, admins all" ON conversations
     FOR ALL TO authenticated
-    USING (user_id = (SELECT auth.uid()))
-    WITH CHECK (user_id = (SELECT auth.uid()));
+    USING (user_id = (SELECT auth.uid()) OR (SELECT private.is_admin()))
+    WITH CHECK (user_id = (SELECT auth.uid()) OR (SELECT private.is_admin()));
 
 -- messages: the row is the caller's AND so is its conversation. The seed checked the conversation only,
 -- so a user could write messages in their conversation in someone else's name (user_id).
-DROP POLICY IF EXISTS "Users can CRUD own messages" ON messages;
-CREATE POLICY "Users can CRUD own messages" ON messages
+CREATE POLICY "Users can CRUD own messages, admins all" ON messages
     FOR ALL TO authenticated
     USING (
-        user_id = (SELECT auth.uid())
-        AND EXISTS (
-            SELECT 1 FROM conversations c
-            WHERE c.id = messages.conversation_id AND c.user_id = (SELECT auth.uid())
+        (
+            user_id = (SELECT auth.uid())
+            AND EXISTS (
+                SELECT 1 FROM conversations c
+                WHERE c.id = messages.conversation_id AND c.user_id = (SELECT auth.uid())
+            )
         )
+        OR (SELECT private.is_admin())
     )
     WITH CHECK (
-        user_id = (SELECT auth.uid())
-        AND EXISTS (
-            SELECT 1 FROM conversations c
-            WHERE c.id = messages.conversation_id AND c.user_id = (SELECT auth.uid())
+        (
+            user_id = (SELECT auth.uid())
+            AND EXISTS (
+                SELECT 1 FROM conversations c
+                WHERE c.id = messages.conversation_id AND c.user_id = (SELECT auth.uid())
+            )
         )
+        OR (SELECT private.is_admin())
     );
 
+CREATE POLICY "Users can CRUD own learning progress, admins all" ON learning_progress
+    FOR ALL TO authenticated
+    USING (user_id = (SELECT auth.uid()) OR (SELECT private.is_admin()))
+    WITH CHECK (user_id = (SELECT auth.uid()) OR (SELECT private.is_admin()));
+
 -- conversation_scripts (seed: RLS off): the shared catalogue is readable by every signed-in user; only
--- its author writes a script (created_by = caller).
-DROP POLICY IF EXISTS "Authenticated users can read scripts" ON conversation_scripts;
+-- its author (created_by = caller) or an admin writes a script.
 CREATE POLICY "Authenticated users can read scripts" ON conversation_scripts
     FOR SELECT TO authenticated
     USING (true);
-DROP POLICY IF EXISTS "Users can create own scripts" ON conversation_scripts;
-CREATE POLICY "Users can create own scripts" ON conversation_scripts
+CREATE POLICY "Users can create own scripts, admins all" ON conversation_scripts
     FOR INSERT TO authenticated
-    WITH CHECK (created_by = (SELECT auth.uid()));
-DROP POLICY IF EXISTS "Users can update own scripts" ON conversation_scripts;
-CREATE POLICY "Users can update own scripts" ON conversation_scripts
+    WITH CHECK (created_by = (SELECT auth.uid()) OR (SELECT private.is_admin()));
+CREATE POLICY "Users can update own scripts, admins all" ON conversation_scripts
     FOR UPDATE TO authenticated
-    USING (created_by = (SELECT auth.uid()))
-    WITH CHECK (created_by = (SELECT auth.uid()));
-DROP POLICY IF EXISTS "Users can delete own scripts" ON conversation_scripts;
-CREATE POLICY "Users can delete own scripts" ON conversation_scripts
+    USING (created_by = (SELECT auth.uid()) OR (SELECT private.is_admin()))
+    WITH CHECK (created_by = (SELECT auth.uid()) OR (SELECT private.is_admin()));
+CREATE POLICY "Users can delete own scripts, admins all" ON conversation_scripts
     FOR DELETE TO authenticated
-    USING (created_by = (SELECT auth.uid()));
+    USING (created_by = (SELECT auth.uid()) OR (SELECT private.is_admin()));
 
 -- Read-only for users: written by the worker (billing, metering) or by SECURITY DEFINER triggers.
-DROP POLICY IF EXISTS "Users can view own subscription" ON subscriptions;
-CREATE POLICY "Users can view own subscription" ON subscriptions
+-- Admins read and write every row.
+CREATE POLICY "Users can view own subscription, admins all" ON subscriptions
     FOR SELECT TO authenticated
-    USING (user_id = (SELECT auth.uid()));
+    USING (user_id = (SELECT auth.uid()) OR (SELECT private.is_admin()));
 
-DROP POLICY IF EXISTS "Users can view own usage" ON usage_tracking;
-CREATE POLICY "Users can view own usage" ON usage_tracking
+CREATE POLICY "Users can view own usage, admins all" ON usage_tracking
     FOR SELECT TO authenticated
-    USING (user_id = (SELECT auth.uid()));
+    USING (user_id = (SELECT auth.uid()) OR (SELECT private.is_admin()));
 
-DROP POLICY IF EXISTS "Users can CRUD own learning progress" ON learning_progress;
-CREATE POLICY "Users can CRUD own learning progress" ON learning_progress
-    FOR ALL TO authenticated
-    USING (user_id = (SELECT auth.uid()))
-    WITH CHECK (user_id = (SELECT auth.uid()));
-
-DROP POLICY IF EXISTS "Users can view own achievements" ON achievements;
-CREATE POLICY "Users can view own achievements" ON achievements
+CREATE POLICY "Users can view own achievements, admins all" ON achievements
     FOR SELECT TO authenticated
-    USING (user_id = (SELECT auth.uid()));
+    USING (user_id = (SELECT auth.uid()) OR (SELECT private.is_admin()));
 
--- audit_logs (seed: RLS off, so every user read everyone's trail)
-DROP POLICY IF EXISTS "Users can view own audit logs" ON audit_logs;
-CREATE POLICY "Users can view own audit logs" ON audit_logs
-    FOR SELECT TO authenticated
-    USING (user_id = (SELECT auth.uid()));
-
--- Admins: every row of the user-facing tables. audit_logs is read-only even for admins: a trail that
--- its readers can edit is no trail.
-DO $admin_policies$
+DO $admin_writes$
 DECLARE
     v_table TEXT;
 BEGIN
-    FOREACH v_table IN ARRAY ARRAY[
-        'profiles', 'language_settings', 'conversations', 'messages', 'conversation_scripts',
-        'subscriptions', 'usage_tracking', 'learning_progress', 'achievements'
-    ] LOOP
-        EXECUTE format('DROP POLICY IF EXISTS "Admins can access all data" ON public.%I', v_table);
+    FOREACH v_table IN ARRAY ARRAY['subscriptions', 'usage_tracking', 'achievements'] LOOP
         EXECUTE format(
-            'CREATE POLICY "Admins can access all data" ON public.%I FOR ALL TO authenticated'
-            ' USING ((SELECT public.is_admin())) WITH CHECK ((SELECT public.is_admin()))',
+            'CREATE POLICY "Admins can insert" ON public.%I FOR INSERT TO authenticated'
+            ' WITH CHECK ((SELECT private.is_admin()))',
+            v_table
+        );
+        EXECUTE format(
+            'CREATE POLICY "Admins can update" ON public.%I FOR UPDATE TO authenticated'
+            ' USING ((SELECT private.is_admin())) WITH CHECK ((SELECT private.is_admin()))',
+            v_table
+        );
+        EXECUTE format(
+            'CREATE POLICY "Admins can delete" ON public.%I FOR DELETE TO authenticated'
+            ' USING ((SELECT private.is_admin()))',
             v_table
         );
     END LOOP;
 END
-$admin_policies$;
+$admin_writes$;
 
-DROP POLICY IF EXISTS "Admins can read all audit logs" ON audit_logs;
-CREATE POLICY "Admins can read all audit logs" ON audit_logs
+-- audit_logs (seed: RLS off, so every user read everyone's trail). Read-only even for admins: a trail
+-- that its readers can edit is no trail.
+CREATE POLICY "Users can view own audit logs, admins all" ON audit_logs
     FOR SELECT TO authenticated
-    USING ((SELECT is_admin()));
+    USING (user_id = (SELECT auth.uid()) OR (SELECT private.is_admin()));
 
 
 -- -----------------------------------------------------------------------------------------------------
@@ -1312,16 +1402,29 @@ REVOKE ALL ON SEQUENCE dead_letters_id_seq, usage_periods_id_seq, usage_alerts_i
     FROM anon, authenticated;
 GRANT ALL ON SEQUENCE dead_letters_id_seq, usage_periods_id_seq, usage_alerts_id_seq TO service_role;
 
--- Functions: EXECUTE goes to PUBLIC by default (and Supabase exposes public functions over its REST API).
--- Operational functions and the decryption of audio URLs are for the backend only; is_admin() is needed
--- by the policies of signed-in users.
-REVOKE EXECUTE ON FUNCTION
-    create_monthly_partition(DATE), refresh_user_statistics(),
-    encrypt_audio_url(TEXT), decrypt_audio_url(TEXT)
-    FROM PUBLIC, anon, authenticated;
-GRANT EXECUTE ON FUNCTION
-    create_monthly_partition(DATE), refresh_user_statistics(),
-    encrypt_audio_url(TEXT), decrypt_audio_url(TEXT)
-    TO service_role;
-REVOKE EXECUTE ON FUNCTION is_admin() FROM PUBLIC, anon;
-GRANT EXECUTE ON FUNCTION is_admin() TO authenticated, service_role;
+-- Functions: PostgreSQL grants EXECUTE on a new function to PUBLIC, Supabase's default privileges grant it
+-- to anon and authenticated too (in schema public), and PostgREST serves whatever they may execute as an
+-- RPC (/rest/v1/rpc/<name>). So EXECUTE is taken from all three on every function of this file, after it
+-- is created, and given back only where needed. Trigger functions need no EXECUTE to fire (it is checked
+-- when a trigger is created), so no client gets it: calling them directly only fails, and the SECURITY
+-- DEFINER ones would be RPC endpoints with their owner's rights. The backend (service_role) gets them all.
+DO $function_privileges$
+DECLARE
+    v_function REGPROCEDURE;
+BEGIN
+    FOREACH v_function IN ARRAY ARRAY[
+        'update_updated_at()', 'private.is_admin()', 'is_admin()', 'jsonb_sum_merge(JSONB, JSONB)',
+        'worker_timezone(TEXT)', 'calendar_month_start(TIMESTAMPTZ, TEXT)',
+        'next_period_end(TIMESTAMPTZ, TEXT, BOOLEAN)', 'previous_period_start(TIMESTAMPTZ, TEXT, BOOLEAN)',
+        'usage_tracking_sync_seconds()', 'update_learning_progress()', 'check_achievements()',
+        'audit_trigger()', 'encrypt_audio_url(TEXT)', 'decrypt_audio_url(TEXT)',
+        'create_monthly_partition(DATE)', 'refresh_user_statistics()'
+    ]::REGPROCEDURE[] LOOP
+        EXECUTE format('REVOKE EXECUTE ON FUNCTION %s FROM PUBLIC, anon, authenticated', v_function);
+        EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO service_role', v_function);
+    END LOOP;
+END
+$function_privileges$;
+-- Signed-in users: their policies call private.is_admin() with their privileges, and the app may ask
+-- is_admin() whether the user is an admin.
+GRANT EXECUTE ON FUNCTION private.is_admin(), is_admin() TO authenticated;

@@ -20,7 +20,11 @@ Command = Callable[[argparse.Namespace], int]
 
 
 def cmd_migrate(_args: argparse.Namespace) -> int:
-    db.migrate(settings().database_url)
+    try:
+        db.migrate(settings().database_url)
+    except db.pg_errors.InsufficientPrivilege as exc:  # e.g. run as a role that does not own the schema
+        print(f"migrate: {exc}", file=sys.stderr)
+        return 1
     print(f"schema applied to {db.make_url(settings().database_url).database}")
     return 0
 

@@ -19,11 +19,13 @@ from psycopg import sql
 from sqlalchemy.engine import Connection, Engine, make_url
 
 from worker.config import settings
+from worker.logs import get_logger
 
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "schema.sql"
 MIGRATION_LOCK_ID = 0x77736D69  # advisory lock key: "wsmi"
 
 _engine: Engine | None = None
+log = get_logger(__name__)
 
 
 def sqlalchemy_url(database_url: str) -> str:
@@ -215,6 +217,12 @@ def migrate(database_url: str | None = None) -> None:
     url = make_url(database_url).set(drivername="postgresql").render_as_string(hide_password=False)
     schema = SCHEMA_PATH.read_text(encoding="utf-8")
     with psycopg.connect(url, connect_timeout=5) as conn:
+        conn.add_notice_handler(_log_server_message)
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK_ID,))
         conn.execute(schema)  # several statements: psycopg sends them with the simple query protocol
         conn.commit()
+
+
+def _log_server_message(diagnostic: psycopg.errors.Diagnostic) -> None:
+    """A warning the server sent while schema.sql ran: the file keeps its own runs quiet, so it deserves a look."""
+    log.warning("migrate_server_message", severity=diagnostic.severity, message=diagnostic.message_primary)
