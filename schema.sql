@@ -232,8 +232,9 @@ AS $$
 $$;
 
 -- Adds two JSON objects of numbers key by key ({"en": 1.5} + {"en": 0.5, "ja": 2} = {"en": 2.0, "ja": 2});
--- NULL or a non-object counts as {}. Used by the worker in ON CONFLICT DO UPDATE to add language
--- seconds and feature counts to usage_tracking. numeric arithmetic, so decimals add exactly.
+-- NULL or a non-object counts as {}. numeric arithmetic, so decimals add exactly. For SQL callers
+-- (reports, repairs by hand): the worker's usage_tracking upsert computes the same sum inline
+-- (worker/metering/tracking.py), as a function with its own search_path cannot be inlined.
 CREATE OR REPLACE FUNCTION jsonb_sum_merge(a JSONB, b JSONB)
 RETURNS JSONB
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
@@ -320,6 +321,25 @@ AS $$
         ELSE (p_end AT TIME ZONE 'UTC' - INTERVAL '1 month') AT TIME ZONE 'UTC'
     END
     FROM (SELECT date_trunc('month', p_end AT TIME ZONE p_tz) AS m) AS local_month
+$$;
+
+
+-- Exact milliseconds of a user's ledger usage (usage_events, section 4) that overlap [p_start, p_end):
+-- what a period row holds when it is created after its usage was recorded. p_longest is the longest an
+-- event may last (USAGE_MAX_EVENT_SECONDS), which bounds the index scan on started_at. The ledger is
+-- created below, so the body is checked when it first runs.
+CREATE OR REPLACE FUNCTION ledger_ms(p_user UUID, p_start TIMESTAMPTZ, p_end TIMESTAMPTZ, p_longest INTERVAL)
+RETURNS BIGINT
+LANGUAGE sql STABLE PARALLEL SAFE
+SET search_path = pg_catalog, public, pg_temp
+SET check_function_bodies = off
+AS $$
+    SELECT COALESCE(sum(round(extract(epoch FROM
+               LEAST(p_end, e.started_at + e.duration_ms * INTERVAL '1 millisecond') - GREATEST(p_start, e.started_at)
+           ) * 1000)), 0)::bigint
+    FROM usage_events e
+    WHERE e.user_id = p_user AND e.started_at < p_end AND e.started_at > p_start - p_longest
+      AND e.started_at + e.duration_ms * INTERVAL '1 millisecond' > p_start
 $$;
 
 
@@ -1416,6 +1436,7 @@ BEGIN
         'update_updated_at()', 'private.is_admin()', 'is_admin()', 'jsonb_sum_merge(JSONB, JSONB)',
         'worker_timezone(TEXT)', 'calendar_month_start(TIMESTAMPTZ, TEXT)',
         'next_period_end(TIMESTAMPTZ, TEXT, BOOLEAN)', 'previous_period_start(TIMESTAMPTZ, TEXT, BOOLEAN)',
+        'ledger_ms(UUID, TIMESTAMPTZ, TIMESTAMPTZ, INTERVAL)',
         'usage_tracking_sync_seconds()', 'update_learning_progress()', 'check_achievements()',
         'audit_trigger()', 'encrypt_audio_url(TEXT)', 'decrypt_audio_url(TEXT)',
         'create_monthly_partition(DATE)', 'refresh_user_statistics()'

@@ -285,3 +285,33 @@ def test_a_reset_skips_users_whose_periods_metering_holds_instead_of_waiting(com
     assert (held.users, held.busy, held.periods_archived) == (set(), {str(user)}, 0)
     assert (later.users, later.periods_archived) == ({str(user)}, 1)
     assert archived_counts([user]) == {str(user): 1}
+
+
+def test_a_period_the_app_set_without_a_period_row_is_archived_when_it_ends(connection: sa.Connection) -> None:
+    """The app created the subscription itself (no usage_periods row) and usage from before that is in the
+    ledger: the reset archives that period with its exact usage, so the history has no hole."""
+    user = insert_user(connection)
+    connection.execute(
+        sa.text(
+            "INSERT INTO subscriptions (user_id, plan_type, status, current_period_start, current_period_end,"
+            " reset_date, monthly_minutes_limit) VALUES (:u, 'standard', 'active', :start, :end, :end, 900)"
+        ),
+        {"u": user, "start": utc(2026, 12, 10), "end": utc(2027, 1, 10)},
+    )
+    connection.execute(  # recorded in the ledger, never metered into a period (as by a bulk import)
+        sa.text(
+            "INSERT INTO usage_events (event_id, user_id, started_at, duration_ms, language, received_at)"
+            " VALUES ('imported', :u, :started, 90500, 'en', :started)"
+        ),
+        {"u": user, "started": utc(2027, 1, 9, 23, 58)},
+    )
+
+    result = periods.advance_due(connection, utc(2027, 1, 10, 0, 0, 5))
+
+    assert result.periods_archived == 1
+    rows = period_rows(connection, user)
+    assert [(row.period_start, row.period_end, row.used_ms, row.archived_at is not None) for row in rows] == [
+        (utc(2026, 12, 10), utc(2027, 1, 10), 90_500, True),
+        (utc(2027, 1, 10), utc(2027, 2, 1), 0, False),  # no Stripe subscription: on to the calendar month
+    ]
+    assert (rows[0].plan_type, rows[0].limit_ms) == ("standard", 900 * MINUTE_MS)

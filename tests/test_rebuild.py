@@ -150,3 +150,17 @@ def test_a_rebuild_that_finds_the_limit_reached_marks_the_subscription(connectio
 def test_an_empty_range_is_refused(connection: sa.Connection) -> None:
     with pytest.raises(ValueError, match="must be before"):
         rebuild.rebuild(connection, at(11), at(10), NOW)
+
+
+def test_a_wrong_microphone_seconds_alone_is_repaired(connection: sa.Connection, metered) -> None:
+    """The seed's whole-second column, the one dashboards read, written wrong by something else while
+    microphone_ms stayed right."""
+    good = state(connection)
+    execute(connection, "UPDATE usage_tracking SET microphone_seconds = microphone_seconds + 7 WHERE hour = 10")
+    assert state(connection) != good
+
+    report = rebuild.rebuild(connection, at(10), at(11), NOW)
+
+    assert [(c.table, c.what) for c in report.changes] == [("usage_tracking", "corrected")] * 2
+    assert all("microphone_seconds" in c.detail and "microphone_ms" not in c.detail for c in report.changes)
+    assert state(connection) == good

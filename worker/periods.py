@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from itertools import pairwise
 
 import sqlalchemy as sa
@@ -247,6 +247,21 @@ _MOVE = sa.text(
         FROM moves m
         WHERE u.user_id = m.user_id AND u.period_start < m.period_start AND u.archived_at IS NULL
         RETURNING u.id
+    ), unrecorded AS (
+        -- The subscription's period has no row at all (the app wrote the subscription itself): it is
+        -- archived now, with its usage counted from the ledger, so the history has no hole.
+        INSERT INTO usage_periods (user_id, period_start, period_end, plan_type, monthly_minutes_limit, limit_ms,
+                                   used_ms, archived_at)
+        SELECT s.user_id, s.current_period_start, s.current_period_end, s.plan_type, s.monthly_minutes_limit,
+               s.monthly_minutes_limit::bigint * 60000, ledger_ms(s.user_id, s.current_period_start,
+                                                               s.current_period_end, :longest), :now
+        FROM subscriptions s JOIN moves m ON m.user_id = s.user_id
+        WHERE s.current_period_start < m.period_start
+          AND NOT EXISTS (SELECT 1 FROM usage_periods u WHERE u.user_id = s.user_id
+                          AND u.period_start < s.current_period_end AND u.period_end > s.current_period_start)
+        ORDER BY s.user_id
+        ON CONFLICT (user_id, period_start) DO NOTHING
+        RETURNING id
     )
     UPDATE subscriptions s
     SET current_period_start = n.period_start,
@@ -260,7 +275,7 @@ _MOVE = sa.text(
                            END
     FROM started n JOIN moves m ON m.user_id = n.user_id JOIN profiles p ON p.id = n.user_id
     WHERE s.user_id = n.user_id
-    RETURNING s.user_id::text, (SELECT count(*) FROM archived) AS archived_count
+    RETURNING s.user_id::text, (SELECT count(*) FROM archived) + (SELECT count(*) FROM unrecorded) AS archived_count
     """
 )
 
@@ -291,6 +306,7 @@ def move_to_periods(conn: Connection, starts: list[PeriodStart], now: datetime, 
             "minutes": [s.monthly_minutes for s in starts],
             "now": now,
             "authoritative": authoritative,
+            "longest": timedelta(seconds=settings().usage_max_event_seconds),
         },
     ).all()
     return rows[0].archived_count if rows else 0
