@@ -9,6 +9,9 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from uuid import UUID
 
+import psycopg
+from sqlalchemy.engine import make_url
+
 from worker import db, dead_letters, demo, metrics, quota, rebuild
 from worker.celery import app
 from worker.clock import utcnow
@@ -22,10 +25,10 @@ Command = Callable[[argparse.Namespace], int]
 def cmd_migrate(_args: argparse.Namespace) -> int:
     try:
         db.migrate(settings().database_url)
-    except db.pg_errors.InsufficientPrivilege as exc:  # e.g. run as a role that does not own the schema
+    except psycopg.errors.InsufficientPrivilege as exc:  # e.g. run as a role that does not own the schema
         print(f"migrate: {exc}", file=sys.stderr)
         return 1
-    print(f"schema applied to {db.make_url(settings().database_url).database}")
+    print(f"schema applied to {make_url(settings().database_url).database}")
     return 0
 
 
@@ -141,7 +144,9 @@ def cmd_rebuild_usage(args: argparse.Namespace) -> int:
 
 def cmd_reset_due(args: argparse.Namespace) -> int:
     now = args.now or utcnow()
-    moved = jobs.run_reset_monthly_usage(now, wait=True).result  # waits for a run in progress
+    run = jobs.run_reset_monthly_usage(now, wait=True)  # waits for a run in progress
+    assert run.result is not None  # a run that waits for the lock always runs
+    moved = run.result
     print(
         f"reset-due at {now.isoformat()}: {len(moved.users)} subscriptions moved to their next period,"
         f" {moved.periods_archived} periods archived"
@@ -161,7 +166,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_dead_letters(commands: argparse._SubParsersAction) -> None:
+def _add_dead_letters(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = commands.add_parser("dead-letters", help="list or replay inputs that could not be applied")
     actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
     listing = actions.add_parser("list", help="dead letters waiting (oldest first)")
@@ -173,7 +178,7 @@ def _add_dead_letters(commands: argparse._SubParsersAction) -> None:
     which.add_argument("--all", action="store_true", help="every letter waiting")
 
 
-def _add_rebuild_usage(commands: argparse._SubParsersAction) -> None:
+def _add_rebuild_usage(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = commands.add_parser(
         "rebuild-usage", help="recompute usage_tracking and period totals from the ledger for a time range"
     )
@@ -188,7 +193,7 @@ def _event_count(text: str) -> int:
     return int(text)
 
 
-def _add_demo(commands: argparse._SubParsersAction) -> None:
+def _add_demo(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = commands.add_parser("demo", help="demo learners on each plan, a live usage stream, then a summary")
     parser.add_argument("--url", default=demo.DEFAULT_URL, help=f"the web (default {demo.DEFAULT_URL})")
     parser.add_argument("--token", help="bearer token (default: the first of INGEST_API_TOKENS)")

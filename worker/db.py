@@ -199,6 +199,8 @@ def ensure_database(database_url: str) -> bool:
     """Create the database named by the URL when it is missing. Returns whether it was created."""
     url = make_url(database_url)
     name = url.database
+    if not name:
+        raise ValueError(f"DATABASE_URL names no database: {url.render_as_string(hide_password=True)}")
     admin = url.set(database="postgres").set(drivername="postgresql").render_as_string(hide_password=False)
     with psycopg.connect(admin, autocommit=True, connect_timeout=5) as conn:
         if conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone():

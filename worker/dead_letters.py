@@ -7,6 +7,7 @@ registers how its letters are replayed (`replayer`), so one replay command serve
 
 from __future__ import annotations
 
+import functools
 import json
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -188,11 +189,11 @@ def write(conn: Connection, letters: Sequence[Letter], now: datetime) -> int:
     for row in rows:
         log.warning("dead_lettered", source=row["source"], ref=row["ref"], reason=row["reason"])
     for source, count in Counter(row["source"] for row in rows).items():
-        db.after_commit(conn, lambda source=source, count=count: metrics.dead_lettered(source, count))
+        db.after_commit(conn, functools.partial(metrics.dead_lettered, source, count))
     return len(rows)
 
 
-def list_letters(conn: Connection, include_replayed: bool = False, limit: int = 100) -> list[dict]:
+def list_letters(conn: Connection, include_replayed: bool = False, limit: int = 100) -> list[dict[str, Any]]:
     query = sa.select(dead_letters).order_by(dead_letters.c.id).limit(limit)
     if not include_replayed:
         query = query.where(dead_letters.c.replayed_at.is_(None))

@@ -122,7 +122,7 @@ def create_learners(conn: Connection, now: datetime) -> list[Learner]:
             )  # fmt: skip
     # The free learner's subscription and everyone's current period, as metering would create them.
     periods.ensure_periods(conn, {user_id: periods.Span(now, now) for user_id in user_ids.values()}, now)
-    starts = dict(
+    starts: dict[str, datetime] = dict(
         conn.execute(
             sa.text("SELECT user_id::text, current_period_start FROM subscriptions WHERE user_id = ANY(:ids)"),
             {"ids": list(user_ids.values())},

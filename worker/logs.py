@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import MutableMapping
+from typing import Any
 
 import structlog
 
@@ -11,7 +13,7 @@ import structlog
 SECRET_KEYS = frozenset({"authorization", "token", "secret", "signature", "stripe_signature", "api_key", "password"})
 
 
-def _redact_secrets(_logger: object, _name: str, event: dict) -> dict:
+def _redact_secrets(_logger: Any, _name: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     for key in event.keys() & SECRET_KEYS:
         event[key] = "[redacted]"
     return event
@@ -19,7 +21,7 @@ def _redact_secrets(_logger: object, _name: str, event: dict) -> dict:
 
 def configure_logging(level: str = "INFO") -> None:
     """Route structlog and the standard library (Celery, uvicorn) through one JSON renderer."""
-    shared = [
+    shared: list[structlog.types.Processor] = [
         structlog.contextvars.merge_contextvars,
         structlog.stdlib.add_log_level,
         structlog.stdlib.add_logger_name,

@@ -19,9 +19,13 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from worker.config import settings
-from worker.sqlarrays import bare_array, time_array
+from worker.sqlarrays import array_literal, bare_array, time_array
 
 MAX_PERIOD_STEPS = 120  # a reset years late still ends; each step is one statement for all users
+
+# The calendar month (in the zone of profile `p`) that contains the moment :now, as two SQL expressions.
+CALENDAR_START = "calendar_month_start(:now, worker_timezone(p.timezone))"
+CALENDAR_END = "next_period_end(:now, worker_timezone(p.timezone), true)"
 
 
 @dataclass(frozen=True)
@@ -33,15 +37,14 @@ class Span:
 
 
 _CREATE_FREE_SUBSCRIPTIONS = sa.text(
-    """
+    f"""
     INSERT INTO subscriptions (user_id, plan_type, status, current_period_start, current_period_end,
                                reset_date, monthly_minutes_limit, monthly_minutes_used, created_at, updated_at)
     SELECT p.id, 'free', 'active', b.period_start, b.period_end,
            (b.period_end AT TIME ZONE worker_timezone(p.timezone))::date, :free_minutes, 0, :now, :now
     FROM profiles p
     CROSS JOIN LATERAL (
-        SELECT calendar_month_start(:now, worker_timezone(p.timezone)) AS period_start,
-               next_period_end(:now, worker_timezone(p.timezone), true) AS period_end
+        SELECT {CALENDAR_START} AS period_start, {CALENDAR_END} AS period_end
     ) b
     WHERE p.id = ANY(CAST(:user_ids AS uuid[]))
       AND NOT EXISTS (SELECT 1 FROM subscriptions s WHERE s.user_id = p.id)
@@ -299,11 +302,11 @@ def move_to_periods(conn: Connection, starts: list[PeriodStart], now: datetime, 
     rows = conn.execute(
         _MOVE,
         {
-            "user_ids": [s.user_id for s in starts],
-            "starts": [s.start for s in starts],
-            "ends": [s.end for s in starts],
-            "plans": [s.plan for s in starts],
-            "minutes": [s.monthly_minutes for s in starts],
+            "user_ids": bare_array([s.user_id for s in starts]),
+            "starts": time_array(s.start for s in starts),
+            "ends": time_array(s.end for s in starts),
+            "plans": array_literal(s.plan for s in starts),
+            "minutes": bare_array([s.monthly_minutes for s in starts]),
             "now": now,
             "authoritative": authoritative,
             "longest": timedelta(seconds=settings().usage_max_event_seconds),

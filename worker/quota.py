@@ -29,6 +29,7 @@ from worker import db, metrics
 from worker.cache import redis_client
 from worker.config import settings
 from worker.logs import get_logger
+from worker.periods import CALENDAR_END, CALENDAR_START
 from worker.sqlarrays import bare_array
 
 log = get_logger(__name__)
@@ -70,7 +71,7 @@ class Quota:
             generation=generation,
         )
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, object]:
         return {name: getattr(self, name) for name in FIELDS}  # dataclasses.asdict deep-copies: 20 µs
 
     @property
@@ -95,17 +96,17 @@ def _seconds(ms: int) -> float:
 # The period containing :now: the usage_periods row that covers it, else the subscription's period, else
 # the calendar month in the user's zone (a user never metered, or a period not yet reached by a reset).
 _READ = sa.text(
-    """
+    f"""
     SELECT p.id::text AS user_id,
            COALESCE(s.plan_type, 'free') AS plan,
            COALESCE(u.limit_ms, s.monthly_minutes_limit::bigint * 60000, :free_limit_ms) AS limit_ms,
            COALESCE(u.used_ms, 0) AS used_ms,
            COALESCE(u.period_start, CASE WHEN s.current_period_start <= :now AND :now < s.current_period_end
                                          THEN s.current_period_start END,
-                    calendar_month_start(:now, worker_timezone(p.timezone))) AS period_start,
+                    {CALENDAR_START}) AS period_start,
            COALESCE(u.period_end, CASE WHEN s.current_period_start <= :now AND :now < s.current_period_end
                                        THEN s.current_period_end END,
-                    next_period_end(:now, worker_timezone(p.timezone), true)) AS period_end
+                    {CALENDAR_END}) AS period_end
     FROM profiles p
     LEFT JOIN subscriptions s ON s.user_id = p.id
     LEFT JOIN usage_periods u ON u.user_id = p.id AND u.period_start <= :now AND :now < u.period_end

@@ -24,6 +24,7 @@ longer, unless that setting was lowered since: then widen --from by the old maxi
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal, InvalidOperation
@@ -35,7 +36,8 @@ from sqlalchemy.engine import Connection
 from worker import db, periods, quota
 from worker.config import settings
 from worker.metering.events import HOUR_MS, HourTotals, UsageEvent, hourly_totals, overlap_ms, to_datetime, to_ms
-from worker.metering.tracking import write_tracking
+from worker.metering.tracking import HOUR_START, write_tracking
+from worker.sqlarrays import array_literal, bare_array, time_array
 
 STREAM_ROWS = 10_000  # ledger rows fetched per round trip while summing period totals
 ACTOR = "rebuild-usage"  # audit_logs.actor of the subscription changes a rebuild makes
@@ -137,15 +139,15 @@ def _events_overlapping(conn: Connection, start: datetime, end: datetime) -> lis
 # -- usage_tracking and usage_hour_conversations ---------------------------------------------------------
 
 _TRACKING_IN_RANGE = sa.text(
-    """
-    SELECT t.user_id::text AS user_id, (t.date + make_interval(hours => t.hour)) AT TIME ZONE 'UTC' AS hour_start,
+    f"""
+    SELECT t.user_id::text AS user_id, {HOUR_START} AS hour_start,
            t.microphone_ms, t.microphone_seconds, t.message_count, t.conversation_count, t.language_breakdown,
            t.feature_usage
     FROM usage_tracking t
     WHERE t.date BETWEEN (CAST(:start AS timestamptz) AT TIME ZONE 'UTC')::date
                      AND (CAST(:end AS timestamptz) AT TIME ZONE 'UTC')::date
-      AND (t.date + make_interval(hours => t.hour)) AT TIME ZONE 'UTC' >= :start
-      AND (t.date + make_interval(hours => t.hour)) AT TIME ZONE 'UTC' < :end
+      AND {HOUR_START} >= :start
+      AND {HOUR_START} < :end
     ORDER BY t.user_id, t.date, t.hour
     FOR UPDATE
     """
@@ -246,9 +248,9 @@ def _hour_key(user_id: str, hour_ms: int) -> str:
     return f"user {user_id} hour {to_datetime(hour_ms):%Y-%m-%d %H:00}Z"
 
 
-def _columns(keys: list[tuple]) -> list[list]:
-    """Sorted row keys as one list per column, for unnest."""
-    return [list(column) for column in zip(*keys, strict=True)]
+def _hour_keys(keys: Sequence[tuple[Any, ...]]) -> dict[str, str]:
+    """The users and hour starts of sorted (user, hour ms, ...) keys, as arrays for unnest."""
+    return {"user_ids": bare_array([key[0] for key in keys]), "hours": time_array(to_datetime(key[1]) for key in keys)}
 
 
 def _rebuild_conversations(conn: Connection, report: Report, computed: dict[tuple[str, int], HourTotals]) -> None:
@@ -260,9 +262,7 @@ def _rebuild_conversations(conn: Connection, report: Report, computed: dict[tupl
         (_ADD_CONVERSATIONS, sorted(wanted - stored), "created"),
     ):
         if keys:
-            users, hours, conversations = _columns(keys)
-            params = {"user_ids": users, "hours": [to_datetime(h) for h in hours], "conversations": conversations}
-            conn.execute(statement, params)
+            conn.execute(statement, {**_hour_keys(keys), "conversations": bare_array([key[2] for key in keys])})
         for user, hour, conversation in keys:
             report.changes.append(Change("usage_hour_conversations", what, _hour_key(user, hour), conversation))
 
@@ -288,12 +288,11 @@ def _rebuild_hours(conn: Connection, report: Report, events: list[UsageEvent], n
     for key in to_remove:
         report.changes.append(Change("usage_tracking", "removed", _hour_key(*key), "no ledger event in this hour"))
     if to_set:
-        wanted = {key: computed[key] for key in to_set}
-        conversations = {key: len(totals.conversations) for key, totals in wanted.items()}
-        write_tracking(conn, wanted, conversations, now, replace=True)
+        hours_to_set = {key: computed[key] for key in to_set}
+        conversations = {key: len(totals.conversations) for key, totals in hours_to_set.items()}
+        write_tracking(conn, hours_to_set, conversations, now, replace=True)
     if to_remove:
-        users, hours = _columns(to_remove)
-        conn.execute(_REMOVE_TRACKING, {"user_ids": users, "hours": [to_datetime(h) for h in hours]})
+        conn.execute(_REMOVE_TRACKING, _hour_keys(to_remove))
     report.users_changed.update(user for user, _ in [*to_set, *to_remove])
 
 
@@ -342,16 +341,16 @@ def _period_key(row: Any) -> str:
     return f"user {row.user_id} period {row.period_start.isoformat()} to {row.period_end.isoformat()}"
 
 
-def _period_totals(conn: Connection, rows: list[Any]) -> dict[int, int]:
+def _period_totals(conn: Connection, rows: Sequence[Any]) -> dict[int, int]:
     """Each period's exact usage in ms, from all ledger events of its user that overlap it."""
     by_user: dict[str, list[Any]] = defaultdict(list)
     for row in rows:
         by_user[row.user_id].append(row)
     users = sorted(by_user)
     params = {
-        "user_ids": users,
-        "firsts": [min(row.period_start for row in by_user[user]) for user in users],
-        "lasts": [max(row.period_end for row in by_user[user]) for user in users],
+        "user_ids": bare_array(users),
+        "firsts": time_array(min(row.period_start for row in by_user[user]) for user in users),
+        "lasts": time_array(max(row.period_end for row in by_user[user]) for user in users),
         "longest": _longest_event(),
     }
     used = dict.fromkeys((row.id for row in rows), 0)
@@ -371,7 +370,8 @@ def recount_periods(conn: Connection, user_ids: list[str], start: datetime, end:
 
 
 def _rebuild_periods(conn: Connection, report: Report, now: datetime, user_ids: list[str] | None = None) -> None:
-    rows = conn.execute(_PERIODS_IN_RANGE, {"start": report.start, "end": report.end, "user_ids": user_ids}).all()
+    users = bare_array(user_ids) if user_ids is not None else None
+    rows = conn.execute(_PERIODS_IN_RANGE, {"start": report.start, "end": report.end, "user_ids": users}).all()
     report.periods_checked = len(rows)
     if not rows:
         return
@@ -382,12 +382,13 @@ def _rebuild_periods(conn: Connection, report: Report, now: datetime, user_ids: 
         report.changes.append(Change("usage_periods", "corrected", _period_key(row), detail))
     if changed:
         conn.execute(
-            _SET_PERIOD_TOTALS, {"ids": [row.id for row in changed], "used": [used[row.id] for row in changed]}
+            _SET_PERIOD_TOTALS,
+            {"ids": bare_array([row.id for row in changed]), "used": bare_array([used[row.id] for row in changed])},
         )
     report.users_changed.update(row.user_id for row in changed)
     current = {(row.user_id, row.period_start): row for row in rows}
     to_set = []
-    for sub in conn.execute(_SUBSCRIPTIONS, {"user_ids": sorted({row.user_id for row in rows})}):
+    for sub in conn.execute(_SUBSCRIPTIONS, {"user_ids": bare_array(sorted({row.user_id for row in rows}))}):
         period = current.get((sub.user_id, sub.current_period_start))
         if period is None:
             continue
@@ -401,6 +402,13 @@ def _rebuild_periods(conn: Connection, report: Report, now: datetime, user_ids: 
         )
         report.changes.append(Change("subscriptions", "corrected", f"user {sub.user_id}", detail))
     if to_set:
-        users, minutes, reached = _columns(to_set)
-        conn.execute(_SET_SUBSCRIPTIONS, {"user_ids": users, "minutes": minutes, "reached": reached, "now": now})
-        report.users_changed.update(users)
+        conn.execute(
+            _SET_SUBSCRIPTIONS,
+            {
+                "user_ids": bare_array([user for user, _, _ in to_set]),
+                "minutes": bare_array([minutes for _, minutes, _ in to_set]),
+                "reached": array_literal("t" if reached else "f" for _, _, reached in to_set),
+                "now": now,
+            },
+        )
+        report.users_changed.update(user for user, _, _ in to_set)

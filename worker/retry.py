@@ -29,7 +29,7 @@ def retry_delay(exc: BaseException, attempts: int, max_retries: int | None = MAX
     exponential with full jitter, capped at MAX_BACKOFF."""
     if not db.is_transient(exc) or (max_retries is not None and attempts >= max_retries):
         return None
-    return random.uniform(0.5, 1.0) * min(MAX_BACKOFF, 0.5 * 2**attempts)
+    return random.uniform(0.5, 1.0) * min(MAX_BACKOFF, 0.5 * 2.0**attempts)
 
 
 def failure_reason(exc: BaseException, attempts: int) -> str:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
@@ -27,27 +27,30 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from worker.metering.tracking import HOUR_START
+from worker.sqlarrays import array_literal, bare_array
+
 AGGREGATE_BATCH = 5000  # hour rows per round
 
 _ROLL_UP_HOURS = sa.text(
-    """
+    f"""
     WITH due AS (
         SELECT t.id, t.user_id, t.aggregated_breakdown
         FROM usage_tracking t
         WHERE NOT t.is_aggregated AND t.date <= :today
-          AND (t.date + make_interval(hours => t.hour + 1)) AT TIME ZONE 'UTC' <= :now
+          AND {HOUR_START} + INTERVAL '1 hour' <= :now
         ORDER BY t.user_id, t.date, t.hour
         LIMIT :batch
         FOR UPDATE SKIP LOCKED
     )
     UPDATE usage_tracking t
     SET aggregated_ms = t.microphone_ms,
-        aggregated_breakdown = COALESCE(t.language_breakdown, '{}'::jsonb),
+        aggregated_breakdown = COALESCE(t.language_breakdown, '{{}}'::jsonb),
         is_aggregated = true
     FROM due d JOIN profiles p ON p.id = d.user_id
     WHERE t.id = d.id
     RETURNING t.user_id::text AS user_id,
-              ((t.date + make_interval(hours => t.hour)) AT TIME ZONE 'UTC'
+              ({HOUR_START}
                   AT TIME ZONE worker_timezone(p.timezone))::date AS study_date,
               t.language_breakdown::text AS breakdown, d.aggregated_breakdown::text AS rolled_before
     """
@@ -57,7 +60,7 @@ _ROLL_UP_HOURS = sa.text(
 # reaches back to the day after last_study_date; otherwise it is the streak. weekly_achieved_minutes is
 # recomputed from this week's rolled-up hours, so it is exact and starts again every local Monday.
 _ADD_TO_PROGRESS = sa.text(
-    """
+    f"""
     WITH studied AS (
         SELECT * FROM unnest(CAST(:user_ids AS uuid[]), CAST(:languages AS text[]), CAST(:ms AS bigint[]),
                              CAST(:last_dates AS date[]), CAST(:run_days AS int[]))
@@ -76,8 +79,8 @@ _ADD_TO_PROGRESS = sa.text(
         LEFT JOIN usage_tracking t
             ON t.user_id = w.user_id
            AND t.date BETWEEN (w.week_start AT TIME ZONE 'UTC')::date AND (w.week_end AT TIME ZONE 'UTC')::date
-           AND (t.date + make_interval(hours => t.hour)) AT TIME ZONE 'UTC' >= w.week_start
-           AND (t.date + make_interval(hours => t.hour)) AT TIME ZONE 'UTC' < w.week_end
+           AND {HOUR_START} >= w.week_start
+           AND {HOUR_START} < w.week_end
         GROUP BY w.user_id, w.language_code
     )
     INSERT INTO learning_progress AS lp (user_id, language_code, total_study_ms, total_study_time_minutes,
@@ -219,17 +222,17 @@ def _studied(rows: Iterable[sa.Row]) -> dict[tuple[str, str], Studied]:
     return studied
 
 
-def _add_to_progress(conn: Connection, studied: dict[tuple[str, str], Studied], now: datetime) -> list[sa.Row]:
+def _add_to_progress(conn: Connection, studied: dict[tuple[str, str], Studied], now: datetime) -> Sequence[sa.Row[Any]]:
     keys = sorted(studied)
     return conn.execute(
         _ADD_TO_PROGRESS,
         {
             "now": now,
-            "user_ids": [user_id for user_id, _ in keys],
-            "languages": [language for _, language in keys],
-            "ms": [studied[key].ms for key in keys],
-            "last_dates": [max(studied[key].days) for key in keys],
-            "run_days": [studied[key].run_days() for key in keys],
+            "user_ids": bare_array([user_id for user_id, _ in keys]),
+            "languages": array_literal(language for _, language in keys),
+            "ms": bare_array([studied[key].ms for key in keys]),
+            "last_dates": array_literal(max(studied[key].days).isoformat() for key in keys),
+            "run_days": bare_array([studied[key].run_days() for key in keys]),
         },
     ).all()
 
@@ -240,9 +243,9 @@ def _add_to_language_settings(conn: Connection, minutes: dict[tuple[str, str], i
         _ADD_TO_LANGUAGE_SETTINGS,
         {
             "now": now,
-            "user_ids": [user_id for user_id, _ in keys],
-            "languages": [language for _, language in keys],
-            "minutes": [minutes[key] for key in keys],
+            "user_ids": bare_array([user_id for user_id, _ in keys]),
+            "languages": array_literal(language for _, language in keys),
+            "minutes": bare_array([minutes[key] for key in keys]),
         },
     )
 
@@ -258,12 +261,12 @@ def _earn_streaks(conn: Connection, streaks: dict[str, int], now: datetime) -> i
         _EARN_ACHIEVEMENTS,
         {
             "now": now,
-            "user_ids": [user_id for user_id, _ in earned],
-            "codes": [streak.code for _, streak in earned],
-            "names": [json.dumps(streak.name, ensure_ascii=False) for _, streak in earned],
-            "descriptions": [json.dumps(streak.description, ensure_ascii=False) for _, streak in earned],
-            "criteria": [json.dumps({"consecutive_days": streak.days}) for _, streak in earned],
-            "tiers": [streak.tier for _, streak in earned],
+            "user_ids": bare_array([user_id for user_id, _ in earned]),
+            "codes": array_literal(streak.code for _, streak in earned),
+            "names": array_literal(json.dumps(streak.name, ensure_ascii=False) for _, streak in earned),
+            "descriptions": array_literal(json.dumps(streak.description, ensure_ascii=False) for _, streak in earned),
+            "criteria": array_literal(json.dumps({"consecutive_days": streak.days}) for _, streak in earned),
+            "tiers": array_literal(streak.tier for _, streak in earned),
         },
     ).all()
     return len(rows)

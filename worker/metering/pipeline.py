@@ -46,7 +46,7 @@ class Rejection:
     event_id: str | None
     reason: str
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, object]:
         return {"index": self.index, "event_id": self.event_id, "reason": self.reason}
 
 

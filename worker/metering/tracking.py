@@ -18,6 +18,9 @@ from sqlalchemy.engine import Connection
 from worker.metering.events import HourTotals, numbers_json, seconds_json, to_datetime, to_ms
 from worker.sqlarrays import array_literal, bare_array, time_array
 
+# The start of the UTC hour of usage_tracking row `t` (its date and hour), as SQL.
+HOUR_START = "((t.date + make_interval(hours => t.hour)) AT TIME ZONE 'UTC')"
+
 _NEW_HOUR_CONVERSATIONS = sa.text(
     """
     INSERT INTO usage_hour_conversations (user_id, hour_start, conversation_id)
