@@ -19,6 +19,7 @@ from kombu import Exchange, Queue
 
 from worker import metrics
 from worker.config import settings
+from worker.liveness import HeartbeatStep
 from worker.logs import configure_logging
 
 QUEUES = ("usage", "stripe", "maintenance")
@@ -85,6 +86,7 @@ def create_app() -> Celery:
             for job, interval in config.schedule.items()
         },
     )
+    app.steps["worker"].add(HeartbeatStep)
     return app
 
 
