@@ -50,7 +50,7 @@ log = get_logger(__name__)
 SCRAPE_STATEMENT_TIMEOUT_MS = 2000
 BROKER_SCRAPE_TIMEOUT = 2  # seconds for each connect, read and write of the broker during a scrape
 IDLE_IN_TRANSACTION_SECONDS = 5  # a session idle this long inside a transaction is reported
-DEAD_LETTER_SOURCES = ("usage", "stripe")  # counted from 0, so the first letter is an increase
+DEAD_LETTER_SOURCES = ("usage", "stripe")  # reported from 0, so the first letter is an increase
 FLEET_VARIABLE = "WORLDSPEAK_METRICS_FLEET"  # set by a fleet's main process, inherited by its children
 HOST = socket.gethostname().replace("_", "-")  # "_" separates the parts of prometheus-client's file names
 
@@ -227,13 +227,11 @@ class LiveCollector:
 
     @staticmethod
     def _from_redis() -> Iterator[Metric]:
-        yield from LiveCollector._workers(liveness.alive_workers(redis_client()))
-
-    @staticmethod
-    def _workers(alive: dict[str, list[str]]) -> Iterator[Metric]:
-        """From the workers' heartbeats (worker.liveness): how many live, and how many consume each queue."""
+        """From the workers' heartbeats in the quota cache's Redis (worker.liveness), whatever the broker is:
+        how many live, and how many consume each queue."""
         from worker.celery_app import QUEUES  # here: celery_app imports this module (for its signals)
 
+        alive = liveness.alive_workers(redis_client())
         yield GaugeMetricFamily("worldspeak_workers_alive", "Celery workers whose heartbeat is fresh.", len(alive))
         consuming = GaugeMetricFamily(
             "worldspeak_queue_workers", "Celery workers alive consuming each queue.", labels=["queue"]
@@ -305,7 +303,7 @@ class LiveCollector:
         letters = GaugeMetricFamily(
             "worldspeak_dead_letters_pending", "Dead letters not yet replayed, by source.", labels=["source"]
         )
-        for source, count in pending:
+        for source, count in (dict.fromkeys(DEAD_LETTER_SOURCES, 0) | dict(pending)).items():
             letters.add_metric([source], count)
         yield letters
         yield from lock_waits
