@@ -427,7 +427,7 @@ def write_results(path: Path, args: argparse.Namespace, sizes: Sizes, results: d
         *machine(),
         "",
         f"Workers: `celery -A worker worker -Q usage,stripe,maintenance -l INFO`, prefork, concurrency "
-        f"{args.concurrency}, the settings of `worker.celery_app` (late acks, prefetch multiplier 4). "
+        f"{args.concurrency}, the settings of `worker.celery` (late acks, prefetch multiplier 4). "
         f"{args.users:,} users; events started within the last 3 hours; the single, batch and HTTP streams "
         f"send {100 * DUPLICATES:.0f} % of their events twice (events/s counts distinct events).",
         "",

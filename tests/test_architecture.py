@@ -18,6 +18,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "worker"
 PLUMBING = {
     "worker", "worker.config", "worker.clock", "worker.errors", "worker.logs", "worker.db", "worker.cache",
     "worker.sqlarrays", "worker.tables", "worker.metrics", "worker.celery", "worker.retry", "worker.broker",
+    "worker.liveness",
 }  # fmt: skip
 EDGES = ("worker.tasks", "worker.web", "worker.cli", "worker.demo", "worker.__main__", "worker.health")
 

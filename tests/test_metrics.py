@@ -106,10 +106,10 @@ def test_metrics_count_real_traffic_through_worker_processes(base_url: str, spaw
     assert delta("worldspeak_dead_letters_total", source="usage") == 3
     assert value(after, "worldspeak_queue_messages", queue="usage") == 0
     assert ("worldspeak_queue_messages", frozenset({("queue", "maintenance")})) in after
-    assert 120 <= value(after, "worldspeak_beat_job_seconds_since_success", job="sweep") < 180
-    assert value(after, "worldspeak_beat_job_seconds_since_success", job="aggregate_usage") == float("inf")
-    assert value(after, "worldspeak_beat_job_seconds_since_success", job="ensure_partitions") == float("inf")
-    assert value(after, "worldspeak_beat_job_interval_seconds", job="sweep") == 60
+    assert 120 <= value(after, "worldspeak_beat_job_seconds_since_success", beat_job="sweep") < 180
+    assert value(after, "worldspeak_beat_job_seconds_since_success", beat_job="aggregate_usage") == float("inf")
+    assert value(after, "worldspeak_beat_job_seconds_since_success", beat_job="ensure_partitions") == float("inf")
+    assert value(after, "worldspeak_beat_job_interval_seconds", beat_job="sweep") == 60
     assert value(after, "worldspeak_dependency_up", dependency="postgresql") == 1
     assert value(after, "worldspeak_dependency_up", dependency="redis") == 1
 

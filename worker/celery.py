@@ -23,6 +23,7 @@ from kombu import Exchange, Queue
 
 from worker import metrics
 from worker.config import QUEUES, settings
+from worker.liveness import HeartbeatStep
 from worker.logs import configure_logging
 
 TASK_MODULES = ["worker.tasks.metering", "worker.tasks.stripe", "worker.tasks.maintenance"]
@@ -90,6 +91,7 @@ def create_app() -> Celery:
             for job, interval in config.schedule.items()
         },
     )
+    app.steps["worker"].add(HeartbeatStep)
     return app
 
 

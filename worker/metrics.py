@@ -82,6 +82,9 @@ DEAD_LETTERS = Counter(
     ["source"],
     registry=None,
 )
+DEAD_LETTER_SOURCES = ("usage", "stripe")  # reported from 0, so the first letter is an increase
+for _source in DEAD_LETTER_SOURCES:
+    DEAD_LETTERS.labels(_source)
 QUOTA_CACHE_LOOKUPS = Counter(
     "worldspeak_quota_cache_lookups",
     "Quota look-ups in Redis: hit (a current answer) or miss (absent, stale or Redis unavailable).",
