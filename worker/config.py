@@ -114,6 +114,15 @@ SCHEDULE_DEFAULTS = {  # seconds between runs of each beat job
     "refresh_materialized_views": 600.0,
     "aggregate_usage": 300.0,
     "sweep": 60.0,
+    "stripe_reconcile": 86400.0,
+}
+BEAT_TASKS = {  # the task each beat job runs; a job's name is also its maintenance_runs.job
+    "reset_monthly_usage": "maintenance.reset_monthly_usage",
+    "ensure_partitions": "maintenance.ensure_partitions",
+    "refresh_materialized_views": "maintenance.refresh_materialized_views",
+    "aggregate_usage": "maintenance.aggregate_usage",
+    "sweep": "maintenance.sweep",
+    "stripe_reconcile": "stripe.reconcile",  # on the stripe queue: it talks to Stripe's API
 }
 
 

@@ -19,7 +19,8 @@ from __future__ import annotations
 import json
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
@@ -29,8 +30,9 @@ import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.engine import Connection
 
-from worker import db, periods, quota, stripe_sync
+from worker import db, periods, quota
 from worker.logs import get_logger
+from worker.stripe import inbox, webhook
 from worker.tables import maintenance_runs
 from worker.tasks.base import utcnow
 
@@ -95,6 +97,22 @@ def run_job(job: str, work: Callable[[Connection], T], describe: Callable[[T], d
     summary = describe(result)
     log.info("maintenance_done", job=job, duration_ms=_elapsed_ms(clock), **summary)
     return JobRun(job, ran=True, result=result, summary=summary)
+
+
+@contextmanager
+def recorded_run(job: str) -> Iterator[None]:
+    """Record in maintenance_runs, as run_job does, a job that runs its own transactions (stripe.reconcile,
+    which must not hold one across Stripe's API)."""
+    clock = time.monotonic()
+    with db.transaction() as conn:
+        _record(conn, job, last_started_at=utcnow())
+    try:
+        yield
+    except Exception as exc:
+        _record_failure(job, clock, exc)
+        raise
+    with db.transaction() as conn:
+        _record(conn, job, last_succeeded_at=utcnow(), last_duration_ms=_elapsed_ms(clock), last_error=None)
 
 
 def _record_failure(job: str, clock: float, exc: Exception) -> None:
@@ -539,13 +557,13 @@ def run_aggregate_usage(now: datetime) -> JobRun[Aggregation]:
 # -- maintenance.sweep -----------------------------------------------------------------------------------
 
 
-def run_sweep(now: datetime) -> JobRun[stripe_sync.SweepResult]:
-    """stripe_sync.sweep in the job's transaction; the events it found are queued once that has committed."""
+def run_sweep(now: datetime) -> JobRun[inbox.SweepResult]:
+    """The Stripe inbox's sweep in the job's transaction; the events it found are queued once that has committed."""
     run = run_job(
         "sweep",
-        lambda conn: stripe_sync.sweep(conn, now),
+        lambda conn: inbox.sweep(conn, now),
         lambda swept: {"requeued": len(swept.requeue), "dead_lettered": len(swept.dead_lettered)},
     )
     if run.ran:
-        stripe_sync.enqueue(run.result.requeue)
+        webhook.enqueue(run.result.requeue)
     return run

@@ -14,6 +14,7 @@ import random
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
+from typing import TypeVar
 
 import celery
 
@@ -24,6 +25,8 @@ from worker.logs import get_logger
 log = get_logger(__name__)
 
 MAX_BACKOFF = 60.0  # seconds
+
+T = TypeVar("T")
 
 
 def utcnow() -> datetime:
@@ -43,6 +46,18 @@ def parse_now(value: str | None) -> datetime:
     if parsed.tzinfo is None:
         raise ValueError(f"now={value!r} has no UTC offset")
     return parsed
+
+
+def retrying_transient(task: celery.Task, job: Callable[[], T]) -> T:
+    """Run a job whose input is itself (a periodic job): a transient failure is retried with backoff,
+    anything else raised (recorded by the job, the next scheduled run starts afresh)."""
+    try:
+        return job()
+    except Exception as exc:
+        retries = task.request.retries or 0
+        if db.is_transient(exc) and retries < task.max_retries:
+            raise task.retry(exc=exc, countdown=backoff(retries)) from exc
+        raise
 
 
 def write_letters(letters: list[Letter]) -> None:

@@ -12,10 +12,10 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
-from worker import db, maintenance
+from worker import maintenance
 from worker.celery_app import app
 from worker.logs import get_logger
-from worker.tasks.base import WorkerTask, backoff, parse_now
+from worker.tasks.base import WorkerTask, parse_now, retrying_transient
 
 log = get_logger(__name__)
 
@@ -30,13 +30,7 @@ def _now(task: WorkerTask, value: Any) -> datetime:
 
 
 def _run(task: WorkerTask, job: Callable[[], maintenance.JobRun]) -> dict[str, Any]:
-    try:
-        return job().as_dict()
-    except Exception as exc:
-        retries = task.request.retries or 0
-        if db.is_transient(exc) and retries < task.max_retries:
-            raise task.retry(exc=exc, countdown=backoff(retries)) from exc
-        raise
+    return retrying_transient(task, job).as_dict()
 
 
 @app.task(name="maintenance.reset_monthly_usage", base=WorkerTask, bind=True)
