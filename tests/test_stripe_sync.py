@@ -17,27 +17,34 @@ import pytest
 import sqlalchemy as sa
 from conftest import environment, insert_user
 from support.stripe import (
-    API_BASIL,
+    NOW,
     PERIOD_END,
     PERIOD_START,
     SHAPES,
     FakeStripe,
+    audit_actors,
     checkout_session,
+    deliver,
     invoice,
+    linked_user,
+    metered,
     new_id,
+    open_periods,
+    period_usage,
     price,
+    row,
     stripe_event,
     stripe_stand_in,
+    subscribed_user,
     subscription,
     ts,
 )
 
-from worker import dead_letters, metering
+from worker import dead_letters
 from worker.dead_letters import Rejected
 from worker.stripe import inbox as stripe_inbox
 from worker.stripe import payloads, webhook
 
-NOW = datetime(2027, 3, 10, 12, 0, tzinfo=UTC)
 MARCH = (datetime(2027, 3, 1, tzinfo=UTC), datetime(2027, 4, 1, tzinfo=UTC))  # a UTC user's calendar month
 
 
@@ -50,15 +57,6 @@ def fake_stripe() -> Iterator[FakeStripe]:
 # -- helpers -----------------------------------------------------------------------------------------------
 
 
-def deliver(connection: sa.Connection, event: dict, now: datetime = NOW) -> stripe_inbox.Processed:
-    webhook.store(connection, event, now)
-    return stripe_inbox.process(connection, event["id"], now)
-
-
-def row(connection: sa.Connection, user: uuid.UUID) -> sa.Row:
-    return connection.execute(sa.text("SELECT * FROM subscriptions WHERE user_id = :u"), {"u": user}).one()
-
-
 def inbox(connection: sa.Connection, event_id: str) -> sa.Row:
     return connection.execute(sa.text("SELECT * FROM stripe_events WHERE id = :id"), {"id": event_id}).one()
 
@@ -68,39 +66,9 @@ def letters(connection: sa.Connection, event_id: str) -> list[sa.Row]:
     return connection.execute(sa.text(query), {"id": event_id}).all()
 
 
-def open_periods(connection: sa.Connection, user: uuid.UUID) -> list[sa.Row]:
-    query = "SELECT * FROM usage_periods WHERE user_id = :u AND archived_at IS NULL ORDER BY period_start"
-    return connection.execute(sa.text(query), {"u": user}).all()
-
-
 def all_periods(connection: sa.Connection, user: uuid.UUID) -> list[tuple]:
     query = "SELECT period_start, period_end, plan_type, archived_at IS NOT NULL FROM usage_periods WHERE user_id = :u"
     return [tuple(r) for r in connection.execute(sa.text(query + " ORDER BY period_start"), {"u": user})]
-
-
-def audit_actors(connection: sa.Connection, user: uuid.UUID) -> list[str]:
-    query = "SELECT actor FROM audit_logs WHERE user_id = :u AND table_name = 'subscriptions'"
-    return list(connection.scalars(sa.text(query), {"u": user}))
-
-
-def linked_user(connection: sa.Connection, customer: str, **profile: Any) -> uuid.UUID:
-    """A user whose Stripe customer was tied to them by a completed checkout."""
-    user = insert_user(connection, **profile)
-    session = checkout_session(customer, None, user)
-    the_day_before = PERIOD_START - timedelta(days=1)
-    done = deliver(connection, stripe_event("checkout.session.completed", session, ts(the_day_before)), the_day_before)
-    assert done.outcome == "applied"
-    return user
-
-
-def subscribed_user(connection: sa.Connection, api_version: str = API_BASIL, **profile: Any) -> tuple:
-    customer, subscription_id = new_id("cus"), new_id("sub")
-    user = linked_user(connection, customer, **profile)
-    created = stripe_event(
-        "customer.subscription.created", subscription(subscription_id, customer, api_version), ts(PERIOD_START)
-    )
-    assert deliver(connection, created, PERIOD_START + timedelta(seconds=5)).outcome == "applied"
-    return user, customer, subscription_id
 
 
 # -- linking -----------------------------------------------------------------------------------------------
@@ -599,17 +567,6 @@ def test_a_failed_try_is_counted(connection) -> None:
 
 
 # -- usage follows its time when Stripe moves period bounds -------------------------------------------------
-
-
-def metered(connection: sa.Connection, user: uuid.UUID, started: datetime, seconds: int, now: datetime) -> None:
-    usage = {"event_id": new_id("use"), "user_id": str(user), "started_at": started.isoformat(), "seconds": seconds,
-             "language": "en"}  # fmt: skip
-    assert metering.apply_events(connection, [usage], now).accepted
-
-
-def period_usage(connection: sa.Connection, user: uuid.UUID) -> list[tuple]:
-    query = "SELECT period_start, period_end, used_ms FROM usage_periods WHERE user_id = :u ORDER BY period_start"
-    return [tuple(r) for r in connection.execute(sa.text(query), {"u": user})]
 
 
 def test_usage_metered_before_a_new_period_starts_moves_into_it(connection) -> None:

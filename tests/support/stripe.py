@@ -28,9 +28,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from conftest import environment
+import sqlalchemy as sa
+from conftest import environment, insert_user
 
-from worker.stripe import api
+from worker import metering
+from worker.stripe import api, inbox, webhook
 
 API_BEFORE_PRICES = "2017-08-15"  # items carry their plan; no products on plans before 2018-02-05 either
 API_BEFORE_BASIL = "2024-06-20"
@@ -277,6 +279,61 @@ def checkout_session(customer: str | None, subscription_id: str | None, user_id:
     }
 
 
+# -- events applied in a test's transaction ----------------------------------------------------------------
+
+NOW = datetime(2027, 3, 10, 12, 0, tzinfo=UTC)  # the handler tests' clock: inside [PERIOD_START, PERIOD_END)
+
+
+def deliver(connection: sa.Connection, event: dict, now: datetime = NOW) -> inbox.Processed:
+    webhook.store(connection, event, now)
+    return inbox.process(connection, event["id"], now)
+
+
+def row(connection: sa.Connection, user: uuid.UUID) -> sa.Row:
+    return connection.execute(sa.text("SELECT * FROM subscriptions WHERE user_id = :u"), {"u": user}).one()
+
+
+def open_periods(connection: sa.Connection, user: uuid.UUID) -> list[sa.Row]:
+    query = "SELECT * FROM usage_periods WHERE user_id = :u AND archived_at IS NULL ORDER BY period_start"
+    return connection.execute(sa.text(query), {"u": user}).all()
+
+
+def audit_actors(connection: sa.Connection, user: uuid.UUID) -> list[str]:
+    query = "SELECT actor FROM audit_logs WHERE user_id = :u AND table_name = 'subscriptions'"
+    return list(connection.scalars(sa.text(query), {"u": user}))
+
+
+def linked_user(connection: sa.Connection, customer: str, **profile: Any) -> uuid.UUID:
+    """A user whose Stripe customer was tied to them by a completed checkout."""
+    user = insert_user(connection, **profile)
+    session = checkout_session(customer, None, user)
+    the_day_before = PERIOD_START - timedelta(days=1)
+    done = deliver(connection, stripe_event("checkout.session.completed", session, ts(the_day_before)), the_day_before)
+    assert done.outcome == "applied"
+    return user
+
+
+def subscribed_user(connection: sa.Connection, api_version: str = API_BASIL, **profile: Any) -> tuple:
+    customer, subscription_id = new_id("cus"), new_id("sub")
+    user = linked_user(connection, customer, **profile)
+    created = stripe_event(
+        "customer.subscription.created", subscription(subscription_id, customer, api_version), ts(PERIOD_START)
+    )
+    assert deliver(connection, created, PERIOD_START + timedelta(seconds=5)).outcome == "applied"
+    return user, customer, subscription_id
+
+
+def metered(connection: sa.Connection, user: uuid.UUID, started: datetime, seconds: int, now: datetime) -> None:
+    usage = {"event_id": new_id("use"), "user_id": str(user), "started_at": started.isoformat(), "seconds": seconds,
+             "language": "en"}  # fmt: skip
+    assert metering.apply_events(connection, [usage], now).accepted
+
+
+def period_usage(connection: sa.Connection, user: uuid.UUID) -> list[tuple]:
+    query = "SELECT period_start, period_end, used_ms FROM usage_periods WHERE user_id = :u ORDER BY period_start"
+    return [tuple(r) for r in connection.execute(sa.text(query), {"u": user})]
+
+
 # -- a local server that answers like Stripe's API ---------------------------------------------------------
 
 
@@ -325,7 +382,7 @@ class FakeStripe:
         self.waits: list[float] = []  # the pauses the client's retries asked for (see stripe_stand_in)
         self._closing = threading.Event()
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
         self.thread.start()
 
     @property
@@ -346,6 +403,11 @@ class FakeStripe:
                 return fault
         return None
 
+    def newest_first(self) -> list[dict]:
+        """The event log in the order Stripe lists it."""
+        ordered = sorted(enumerate(self.events), key=lambda pair: (pair[1]["created"], pair[0]), reverse=True)
+        return [event for _, event in ordered]
+
     def _events_page(self, query: dict[str, str]) -> tuple[int, dict]:
         types = {value for key, value in query.items() if re.fullmatch(r"types\[\d*\]", key)}
         limit = int(query.get("limit", "10"))
@@ -353,10 +415,9 @@ class FakeStripe:
             return 400, _error("invalid_request_error", "This value must be between 1 and 100 (it currently is "
                                                         f"{limit}).", param="limit")  # fmt: skip
         gte = int(query["created[gte]"]) if "created[gte]" in query else None
-        ordered = sorted(enumerate(self.events), key=lambda pair: (pair[1]["created"], pair[0]), reverse=True)
         listed = [
             event
-            for _, event in ordered
+            for event in self.newest_first()
             if (not types or event["type"] in types) and (gte is None or event["created"] >= gte)
         ]
         first = 0

@@ -14,6 +14,7 @@ events keep the version they were created in (their `api_version`), whatever the
 
 from __future__ import annotations
 
+import json
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -102,19 +103,21 @@ class Answer:
     as_of: datetime | None  # Stripe's clock when it answered (the Date header), when known
 
 
-def _as_of(obj: stripe.StripeObject) -> datetime | None:
+def _answer(obj: stripe.StripeObject) -> Answer:
+    """The JSON Stripe sent, as it sent it (stripe-python's objects turn some fields into Decimals), and when."""
     response = obj.last_response
-    date = response.headers.get("Date") if response is not None else None
+    assert response is not None, "an object fetched from the API has the response it came in"
+    date = response.headers.get("Date")
     try:
-        return parsedate_to_datetime(date) if date else None
+        as_of = parsedate_to_datetime(date) if date else None
     except (TypeError, ValueError):
-        return None
+        as_of = None
+    return Answer(json.loads(response.body), as_of)
 
 
 def retrieve_subscription(subscription_id: str) -> Answer:
     """GET /v1/subscriptions/{id}: the subscription as Stripe has it now."""
-    subscription = _call(f"subscription {subscription_id}", lambda c: c.v1.subscriptions.retrieve(subscription_id))
-    return Answer(subscription.to_dict(), _as_of(subscription))
+    return _answer(_call(f"subscription {subscription_id}", lambda c: c.v1.subscriptions.retrieve(subscription_id)))
 
 
 @dataclass(frozen=True)
@@ -129,8 +132,9 @@ def list_events(types: Sequence[str], created_gte: int, starting_after: str | No
     params: dict[str, Any] = {"types": list(types), "created": {"gte": created_gte}, "limit": limit}
     if starting_after is not None:
         params["starting_after"] = starting_after
-    page = _call(f"events after {starting_after or 'the newest'}", lambda c: c.v1.events.list(params))
-    listed = page.to_dict()
+    listed = _answer(
+        _call(f"events after {starting_after or 'the newest'}", lambda c: c.v1.events.list(params))
+    ).payload
     return EventPage(
         [event for event in listed.get("data", []) if isinstance(event, dict)], listed.get("has_more") is True
     )

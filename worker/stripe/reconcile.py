@@ -45,7 +45,7 @@ from worker.config import settings
 from worker.dead_letters import Rejected
 from worker.logs import get_logger
 from worker.stripe import api, handlers, inbox, webhook
-from worker.stripe.payloads import ENDED, SubscriptionState, read_subscription, subscription_object
+from worker.stripe.payloads import ENDED, SubscriptionState, read_subscription, subscription_object, to_datetime
 from worker.tables import stripe_events, stripe_reconcile_runs, stripe_subscriptions
 
 log = get_logger(__name__)
@@ -110,17 +110,22 @@ def run(since: datetime | None, now: datetime, dry_run: bool = False) -> Report:
     if not settings().stripe_api_key:
         raise ReconcileUnavailable("stripe reconciliation needs STRIPE_API_KEY (Stripe's API)")
     if dry_run:
-        return _dry_run(since or now - EVENT_WINDOW, now)
+        return _dry_run(since or _window_start(now), now)
     with _exclusive() as held:
         if not held:
             log.info("stripe_reconcile_skipped", reason="another run holds its lock")
-            return Report(None, since or now - EVENT_WINDOW, ran=False)
+            return Report(None, since or _window_start(now), ran=False)
         with maintenance.recorded_run(JOB):
             report = _run(since, now)
     log.info("stripe_reconcile_done", **report.as_dict(), missing_events=report.drift().get("missing_event", 0))
     for kind, count in report.drift().items():
         metrics.stripe_drift(kind, count)
     return report
+
+
+def _window_start(now: datetime) -> datetime:
+    """The oldest events Stripe still lists."""
+    return (now - EVENT_WINDOW).replace(microsecond=0)
 
 
 _TRY_LOCK = sa.text("SELECT pg_try_advisory_lock(hashtext(:key))")
@@ -164,7 +169,7 @@ def _start(conn: Connection, since: datetime | None, now: datetime) -> tuple[Row
     run_id = f"rec_{now:%Y%m%dT%H%M%SZ}_{uuid.uuid4().hex[:8]}"
     row = conn.execute(
         pg_insert(stripe_reconcile_runs)
-        .values(id=run_id, since_requested=since, since=since or now - EVENT_WINDOW, started_at=now, phase="events")
+        .values(id=run_id, since_requested=since, since=since or _window_start(now), started_at=now, phase="events")
         .returning(stripe_reconcile_runs)
     ).one()
     return row, False
@@ -226,9 +231,8 @@ def _pages(since: datetime, cursor: str | None) -> Iterator[api.EventPage]:
 
 
 def _event_difference(event: dict) -> Difference:
-    return Difference(
-        "missing_event", event["id"], f"{event['type']} created {event['created']} never reached the inbox"
-    )
+    created = to_datetime(event["created"]).isoformat()
+    return Difference("missing_event", event["id"], f"{event['type']} of {created} never reached the inbox")
 
 
 def _take_events(row: Row, report: Report, now: datetime) -> None:
@@ -308,6 +312,14 @@ def _stored(subscription_id: str) -> Row | None:
         return conn.execute(sa.select(stripe_subscriptions).where(stripe_subscriptions.c.id == subscription_id)).first()
 
 
+def _shown(value: Any) -> str:
+    if isinstance(value, tuple):
+        return ", ".join(_shown(part) for part in value)
+    if isinstance(value, datetime):
+        return value.isoformat()
+    return "-" if value is None else str(value)
+
+
 def differences(stored: Row | None, current: SubscriptionState) -> list[Difference]:
     """What the worker holds about a subscription that differs from what Stripe says now."""
     if stored is None or stored.status is None:
@@ -316,7 +328,7 @@ def differences(stored: Row | None, current: SubscriptionState) -> list[Differen
 
     def differ(kind: str, ours: Any, stripes: Any) -> None:
         if ours != stripes:
-            found.append(Difference(kind, current.id, f"{ours} -> {stripes}"))
+            found.append(Difference(kind, current.id, f"{_shown(ours)} -> {_shown(stripes)}"))
 
     differ("status", stored.status, current.status)
     if current.plan is not None and current.period is not None:
