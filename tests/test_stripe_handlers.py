@@ -12,6 +12,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 import sqlalchemy as sa
+from conftest import insert_user
 from support.stripe import (
     API_BEFORE_PRICES,
     NOW,
@@ -19,6 +20,7 @@ from support.stripe import (
     PERIOD_START,
     SHAPES,
     FakeStripe,
+    checkout_session,
     deliver,
     invoice,
     legacy_plan,
@@ -386,3 +388,27 @@ def test_a_state_that_moved_while_stripe_was_asked_is_checked_again(committed, f
     assert processed["value"].outcome == "stale"  # checked again under its locks: the state had moved on
     with db.engine().connect() as conn:
         assert row(conn, user).plan_type == "enterprise"
+
+
+def test_a_checkout_replaying_events_of_one_second_fetches_before_its_locks(connection, fake_stripe) -> None:
+    user, customer, subscription_id = insert_user(connection), new_id("cus"), new_id("sub")
+    second = ts(PERIOD_START)
+    created = stripe_event("customer.subscription.created", subscription(subscription_id, customer), second)
+    premium = subscription(subscription_id, customer, price_object=priced("premium"))
+    updated = stripe_event("customer.subscription.updated", premium, second)
+    for event in (created, updated):  # before the checkout: no user yet
+        assert deliver(connection, event).outcome == "dead_lettered"
+    fake_stripe.subscriptions[subscription_id] = premium
+
+    checkout = stripe_event("checkout.session.completed", checkout_session(customer, subscription_id, user), second + 1)
+    assert deliver(connection, checkout).outcome == "applied"
+
+    assert (row(connection, user).plan_type, row(connection, user).stripe_subscription_id) == (
+        "premium",
+        subscription_id,
+    )
+    assert [r["path"] for r in fake_stripe.requests] == [f"/v1/subscriptions/{subscription_id}"]  # once, lock-free
+    replayed = connection.execute(
+        sa.text("SELECT ref, replayed_at FROM dead_letters WHERE source = 'stripe' ORDER BY id")
+    ).all()
+    assert {(letter.ref, letter.replayed_at) for letter in replayed} == {(created["id"], NOW), (updated["id"], NOW)}
