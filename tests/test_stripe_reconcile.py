@@ -318,3 +318,25 @@ def test_the_task_called_directly_reconciles_and_refuses_a_since_without_an_offs
     assert learners(account) == RESTORED
     with pytest.raises(ValueError, match="since must be an ISO-8601 time with a UTC offset"):
         stripe_tasks.reconcile(since="2027-03-01T00:00:00")
+
+
+def test_a_linked_subscription_stripe_does_not_know_is_reported_and_left_alone(fake_stripe) -> None:
+    now = wall_clock()
+    with db.transaction() as conn:
+        user = insert_user(conn)
+        checkout = checkout_session("cus_gone", "sub_gone", user)
+        deliver(conn, stripe_event("checkout.session.completed", checkout, ts(now - DAY)), now)
+    before = query("SELECT * FROM subscriptions WHERE user_id = :u", u=user)
+
+    report = reconcile.run(None, now)
+
+    assert report.drift() == {"not_found": 1}
+    (difference,) = report.differences
+    assert (
+        difference.subject,
+        difference.detail.startswith("Stripe API refused subscription sub_gone (HTTP 404)"),
+    ) == (
+        "sub_gone",
+        True,
+    )
+    assert query("SELECT * FROM subscriptions WHERE user_id = :u", u=user) == before

@@ -94,7 +94,7 @@ STRIPE_EVENTS = Counter(
 STRIPE_DRIFT = Counter(
     "worldspeak_stripe_drift",
     "Differences with Stripe found by stripe.reconcile, by kind (missing_event, missing_state, status, plan, "
-    "period, cancellation, trial, unreadable, not_found).",
+    "period, cancellation, trial, unreadable, not_found, refused).",
     ["kind"],
     registry=None,
 )

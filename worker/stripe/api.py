@@ -6,7 +6,7 @@ One retry policy, here: a rate limit (429, after its Retry-After when Stripe sen
 RETRY.attempts tries; then StripeUnavailable (a ConnectionError: transient for the callers' retries).
 stripe-python's own retries are off (max_network_retries=0): it would retry 5xx and connection errors
 but not 429, and ignore Retry-After, and the two loops would multiply. Any other refusal (a bad key, an
-unknown id) is Rejected with Stripe's message. Every request is bounded by RETRY.timeout.
+unknown id) is Refused (Rejected) with Stripe's message. Every request is bounded by RETRY.timeout.
 
 Objects come back in the API version stripe-python pins (its Stripe-Version header), today's shape;
 events keep the version they were created in (their `api_version`), whatever the request's.
@@ -49,6 +49,14 @@ sleep: Callable[[float], None] = time.sleep  # tests record the waits instead
 
 class StripeUnavailable(ConnectionError):
     """Stripe's API did not answer usefully after every try: worth trying again later."""
+
+
+class Refused(Rejected):
+    """Stripe's API refused the request (a bad key, an unknown id): asking again changes nothing."""
+
+    def __init__(self, reason: str, http_status: int | None) -> None:
+        super().__init__(reason)
+        self.http_status = http_status
 
 
 def _client() -> stripe.StripeClient:
@@ -94,7 +102,8 @@ def _call(what: str, request: Callable[[stripe.StripeClient], T]) -> T:
             sleep(delay)
             attempt += 1
         except stripe.StripeError as exc:
-            raise Rejected(f"Stripe API refused {what} (HTTP {exc.http_status}): {exc.user_message or exc}") from exc
+            reason = f"Stripe API refused {what} (HTTP {exc.http_status}): {exc.user_message or exc}"
+            raise Refused(reason, exc.http_status) from exc
 
 
 @dataclass(frozen=True)

@@ -65,7 +65,7 @@ class ReconcileUnavailable(RuntimeError):
 
 @dataclass(frozen=True)
 class Difference:
-    kind: str  # missing_event, missing_state, status, plan, period, cancellation, trial, unreadable, not_found
+    kind: str  # missing_event, missing_state, status, plan, period, cancellation, trial, unreadable, not_found, refused
     subject: str  # the event or subscription it is about
     detail: str
 
@@ -356,9 +356,10 @@ def _compare(subscription_id: str) -> tuple[api.Answer | None, list[Difference]]
         if answer.payload.get("status") == "incomplete":
             return None, []  # nothing is applied until its payment settles
         current = read_subscription(subscription_object(answer.payload, f"Stripe API answer for {subscription_id}"))
-    except Rejected as exc:
-        kind = "not_found" if "(HTTP 404)" in exc.reason else "unreadable"
-        return None, [Difference(kind, subscription_id, exc.reason)]
+    except api.Refused as exc:
+        return None, [Difference("not_found" if exc.http_status == 404 else "refused", subscription_id, exc.reason)]
+    except Rejected as exc:  # an answer the worker cannot read (an unknown price...): nothing to repair it with
+        return None, [Difference("unreadable", subscription_id, exc.reason)]
     return answer, differences(_stored(subscription_id), current)
 
 
