@@ -226,6 +226,7 @@ def test_a_run_stopped_after_one_page_resumes_where_it_stopped(fake_stripe) -> N
     newest_first = fake_stripe.newest_first()
     after_first_page = newest_first[1]["id"]
     fake_stripe.fail("/v1/events", 500, times=api.RETRY.attempts, query={"starting_after": after_first_page})
+    counted_before = drift_counted("missing_event")
 
     with pytest.raises(api.StripeUnavailable):
         reconcile.run(None, wall_clock())
@@ -251,6 +252,7 @@ def test_a_run_stopped_after_one_page_resumes_where_it_stopped(fake_stripe) -> N
     assert query("SELECT phase FROM stripe_reconcile_runs")[0].phase == "done"
     (run,) = query("SELECT drift FROM stripe_reconcile_runs")
     assert run.drift == {"missing_event": len(account.missed), "missing_state": 1}  # each found once, in either part
+    assert drift_counted("missing_event") == counted_before + len(account.missed)
 
 
 def test_rate_limits_and_server_errors_on_some_pages_are_waited_out(fake_stripe) -> None:

@@ -117,9 +117,7 @@ def run(since: datetime | None, now: datetime, dry_run: bool = False) -> Report:
             return Report(None, since or _window_start(now), ran=False)
         with maintenance.recorded_run(JOB):
             report = _run(since, now)
-    log.info("stripe_reconcile_done", **report.as_dict(), missing_events=report.drift().get("missing_event", 0))
-    for kind, count in report.drift().items():
-        metrics.stripe_drift(kind, count)
+    log.info("stripe_reconcile_done", **report.as_dict())
     return report
 
 
@@ -176,13 +174,19 @@ def _start(conn: Connection, since: datetime | None, now: datetime) -> tuple[Row
 
 
 def _progress(conn: Connection, run_id: str, drift: list[Difference], **values: Any) -> None:
-    """Move the run's cursors and counters on, adding what it found."""
-    found = sa.bindparam("found", dict(Counter(difference.kind for difference in drift)), type_=JSONB)
+    """Move the run's cursors and counters on, adding what it found (counted in the metric once this
+    commits, so a run resumed after a stop counts each difference once)."""
+    found = Counter(difference.kind for difference in drift)
     conn.execute(
         sa.update(stripe_reconcile_runs)
         .where(stripe_reconcile_runs.c.id == run_id)
-        .values(drift=sa.func.jsonb_sum_merge(stripe_reconcile_runs.c.drift, found), **values)
+        .values(
+            drift=sa.func.jsonb_sum_merge(stripe_reconcile_runs.c.drift, sa.bindparam("found", dict(found), JSONB)),
+            **values,
+        )
     )
+    for kind, count in found.items():
+        db.after_commit(functools.partial(metrics.stripe_drift, kind, count))
 
 
 def _run(since: datetime | None, now: datetime) -> Report:
@@ -408,5 +412,5 @@ def _dry_run(since: datetime, now: datetime) -> Report:
     for subscription_id in _linked(None):
         report.differences += _compare(subscription_id)[1]
         report.subscriptions_checked += 1
-    log.info("stripe_reconcile_done", **report.as_dict(), missing_events=report.drift().get("missing_event", 0))
+    log.info("stripe_reconcile_done", **report.as_dict())
     return report
