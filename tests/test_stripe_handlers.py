@@ -245,7 +245,8 @@ def test_a_pre_price_subscription_is_applied_through_its_plan(connection) -> Non
 
     next_end = PERIOD_END + timedelta(days=30)
     renewal = invoice(subscription_id, customer, API_BEFORE_PRICES, PERIOD_END, next_end)
-    renewal["lines"]["data"][0]["plan"] = gold  # lines of those versions name their plan
+    renewal["lines"]["data"][0]["plan"] = gold  # lines of those versions name their plan, not a price
+    assert "price" not in renewal["lines"]["data"][0]
     after_end = PERIOD_END + timedelta(minutes=5)
     paid = stripe_event("invoice.paid", renewal, ts(after_end), API_BEFORE_PRICES)
     assert deliver(connection, paid, after_end).outcome == "applied"

@@ -5,8 +5,9 @@ Shapes. Before 2025-03-31 a subscription carries its period bounds and an invoic
 invoice line has `type` (`subscription`, or `invoiceitem` for prorations) and `proration`. From
 2025-03-31.basil on the bounds are on the subscription's items, the invoice's subscription at
 `parent.subscription_details`, and a line says what made it in `parent` (`subscription_item_details`
-with its `proration`) and its price in `pricing.price_details`. Before prices (2018-02-05 and earlier
-endpoints still receive them) an item carries only its `plan` (amount, currency, interval, name).
+with its `proration`) and its price in `pricing.price_details`. Before the Prices API an item (and an
+invoice line) carries only its `plan` (amount, currency, interval; before 2018-02-05 a name of its own and
+no product), as endpoints pinned to such versions may still receive.
 
 The stand-in answers GET /v1/subscriptions/{id} and GET /v1/events (a list object: `object`, `url`,
 `has_more`, `data`, newest first, `types[]`, `created[gte]`, `limit` up to 100, `starting_after`), with
@@ -34,7 +35,7 @@ from conftest import environment, insert_user
 from worker import metering
 from worker.stripe import api, inbox, webhook
 
-API_BEFORE_PRICES = "2017-08-15"  # items carry their plan; no products on plans before 2018-02-05 either
+API_BEFORE_PRICES = "2017-08-15"  # items and lines carry their plan; plans have names, not products
 API_BEFORE_BASIL = "2024-06-20"
 API_BASIL = "2025-03-31.basil"
 SHAPES = (API_BEFORE_BASIL, API_BASIL)
@@ -205,8 +206,11 @@ def invoice_line(
             invoice_item=invoice_item,
             subscription=subscription_id,
             subscription_item=item_id,
-            price=price(price_id, abs(amount)),
         )
+        if api_version <= API_BEFORE_PRICES:
+            line["plan"] = legacy_plan(price_id, abs(amount))
+        else:
+            line["price"] = price(price_id, abs(amount))
     return line
 
 
