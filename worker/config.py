@@ -126,9 +126,14 @@ BEAT_TASKS = {  # the task each beat job runs; a job's name is also its maintena
 }
 
 
-def _schedule(environ: Mapping[str, str]) -> dict[str, float]:
+NEEDS_STRIPE_API = frozenset({"stripe_reconcile"})  # scheduled only with STRIPE_API_KEY: no key, nothing to do
+
+
+def _schedule(environ: Mapping[str, str], stripe_api: bool) -> dict[str, float]:
     return {
-        job: _float(environ, f"SCHEDULE_{job.upper()}_SECONDS", default) for job, default in SCHEDULE_DEFAULTS.items()
+        job: _float(environ, f"SCHEDULE_{job.upper()}_SECONDS", default)
+        for job, default in SCHEDULE_DEFAULTS.items()
+        if stripe_api or job not in NEEDS_STRIPE_API
     }
 
 
@@ -166,7 +171,7 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
         usage_flush_every=_int(environ, "USAGE_FLUSH_EVERY", base.usage_flush_every, minimum=1),
         usage_flush_interval=_float(environ, "USAGE_FLUSH_INTERVAL", base.usage_flush_interval),
         quota_cache_ttl=_int(environ, "QUOTA_CACHE_TTL", base.quota_cache_ttl, minimum=1),
-        schedule=_schedule(environ),
+        schedule=_schedule(environ, stripe_api=bool(environ.get("STRIPE_API_KEY", "").strip())),
     )
 
 
