@@ -217,10 +217,6 @@ class SubscriptionState:
     trial_end: datetime | None
     created: datetime | None
 
-    @property
-    def live(self) -> bool:
-        return self.status in STANDING
-
 
 def read_subscription(subscription: dict) -> SubscriptionState:
     """A validated subscription (`subscription_object`) read; a live one needs a plan and a period."""
