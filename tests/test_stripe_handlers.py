@@ -413,3 +413,26 @@ def test_a_checkout_replaying_events_of_one_second_fetches_before_its_locks(conn
         sa.text("SELECT ref, replayed_at FROM dead_letters WHERE source = 'stripe' ORDER BY id")
     ).all()
     assert {(letter.ref, letter.replayed_at) for letter in replayed} == {(created["id"], NOW), (updated["id"], NOW)}
+
+
+def test_an_event_of_the_last_period_after_the_invoice_of_the_next_moves_no_period_back(connection) -> None:
+    user, customer, subscription_id = subscribed_user(connection)
+    next_end = PERIOD_END + timedelta(days=30)
+    after_end = PERIOD_END + timedelta(hours=1)
+    paid = stripe_event(
+        "invoice.paid", invoice(subscription_id, customer, start=PERIOD_END, end=next_end), ts(after_end)
+    )
+    assert deliver(connection, paid, after_end).outcome == "applied"
+    # Set to cancel at the end of the period that just ended, delivered late: its period is the old one.
+    late = subscription(subscription_id, customer, cancel_at_period_end=True)
+    assert deliver(
+        connection, stripe_event("customer.subscription.updated", late, ts(after_end) + 1), after_end
+    ).outcome == ("applied")
+    subscription_row = row(connection, user)
+    assert (subscription_row.current_period_start, subscription_row.current_period_end) == (PERIOD_END, next_end)
+    assert subscription_row.cancel_at_period_end is True
+    stored = connection.execute(
+        sa.text("SELECT current_period_start, current_period_end FROM stripe_subscriptions WHERE id = :id"),
+        {"id": subscription_id},
+    ).one()
+    assert tuple(stored) == (PERIOD_END, next_end)

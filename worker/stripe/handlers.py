@@ -278,7 +278,8 @@ def _update_state(conn: Connection, subscription_id: str, **values: Any) -> Row:
 def _record_state(
     conn: Connection, user_id: str, state: SubscriptionState, cause: Cause, known: Row | None, now: datetime
 ) -> Row:
-    """Store what the subscription is now; an ended one keeps the plan and period it last had."""
+    """Store what the subscription is now; an ended one keeps the plan and period it last had, and a period
+    never moves back (an invoice of a newer period may have come before this event)."""
     values: dict[str, Any] = {
         "user_id": user_id,
         "customer_id": state.customer or (known.customer_id if known is not None else None),
@@ -300,9 +301,10 @@ def _record_state(
             price_cents=state.plan.price_cents,
             currency=state.plan.currency,
             monthly_amount_cents=state.plan.monthly_amount_cents,
-            current_period_start=state.period[0],
-            current_period_end=state.period[1],
         )
+        stored = known.current_period_start if known is not None else None
+        if stored is None or state.period[0] >= stored:
+            values.update(current_period_start=state.period[0], current_period_end=state.period[1])
     return _upsert_state(conn, state.id, values)
 
 
