@@ -793,6 +793,81 @@ CREATE TABLE IF NOT EXISTS stripe_events (
 CREATE INDEX IF NOT EXISTS idx_stripe_events_unprocessed ON stripe_events (received_at)
     WHERE processed_at IS NULL;
 
+-- Each Stripe subscription of a user, as its own events (or stripe.reconcile) last described it. A learner
+-- can hold several at once (a second Checkout before the first subscription ends); the user's one
+-- `subscriptions` row shows the one in force: the live one (active or trialing before past_due or unpaid
+-- before paused) that pays most a month, then the one created last, then the greatest id.
+-- subscriptions.stripe_subscription_id names it, so every audit_logs row of a change names the
+-- subscription that decided it.
+CREATE TABLE IF NOT EXISTS stripe_subscriptions (
+    id TEXT PRIMARY KEY,                            -- Stripe's subscription id (sub_...)
+    user_id UUID NOT NULL REFERENCES profiles (id) ON DELETE CASCADE,
+    customer_id TEXT,
+    status TEXT,                                    -- Stripe's status; NULL: linked by a checkout, no state yet
+    plan_type TEXT CHECK (plan_type IN ('free', 'standard', 'premium', 'enterprise')),
+    monthly_minutes_limit INTEGER,
+    price_id TEXT,                                  -- the price (or, before prices, the plan) of its first item
+    price_cents INTEGER,                            -- that price's unit amount
+    currency TEXT,
+    monthly_amount_cents BIGINT,                    -- what it costs a month (amount x quantity per interval)
+    current_period_start TIMESTAMPTZ,
+    current_period_end TIMESTAMPTZ,
+    cancel_at_period_end BOOLEAN NOT NULL DEFAULT FALSE,
+    canceled_at TIMESTAMPTZ,
+    trial_end TIMESTAMPTZ,
+    created TIMESTAMPTZ,                            -- Stripe's `created` of the subscription (else first seen)
+    -- Stripe `created` time and id of what last set this state: an event, or 'reconcile:<run id>'. An
+    -- older event of this subscription never overwrites it.
+    state_at TIMESTAMPTZ,
+    state_event_id TEXT,
+    linked_at TIMESTAMPTZ NOT NULL,
+    updated_at TIMESTAMPTZ NOT NULL,
+    CHECK (current_period_end > current_period_start)
+);
+
+CREATE INDEX IF NOT EXISTS idx_stripe_subscriptions_user ON stripe_subscriptions (user_id);
+CREATE INDEX IF NOT EXISTS idx_stripe_subscriptions_customer ON stripe_subscriptions (customer_id)
+    WHERE customer_id IS NOT NULL;
+
+-- Subscriptions linked before stripe_subscriptions existed: their state as the user's row holds it.
+-- (Applying this file again finds them all there already.)
+INSERT INTO stripe_subscriptions (
+    id, user_id, customer_id, status, plan_type, monthly_minutes_limit, price_id, price_cents, currency,
+    monthly_amount_cents, current_period_start, current_period_end, cancel_at_period_end, canceled_at, trial_end,
+    state_at, state_event_id, linked_at, updated_at
+)
+SELECT s.stripe_subscription_id, s.user_id, s.stripe_customer_id, s.stripe_status, s.plan_type,
+       s.monthly_minutes_limit, s.stripe_price_id, s.monthly_price_cents, s.currency, s.monthly_price_cents,
+       s.current_period_start, s.current_period_end, coalesce(s.cancel_at_period_end, false), s.canceled_at,
+       s.trial_end, s.stripe_state_at, s.stripe_state_event_id, coalesce(s.updated_at, s.current_period_start),
+       coalesce(s.updated_at, s.current_period_start)
+FROM subscriptions s
+WHERE s.stripe_subscription_id IS NOT NULL AND s.stripe_status IS NOT NULL
+ORDER BY s.stripe_subscription_id
+ON CONFLICT (id) DO NOTHING;
+
+-- stripe.reconcile runs: what each found, and where a run that stopped half-way resumes (the events page
+-- after event_cursor, the subscriptions after subscription_cursor).
+CREATE TABLE IF NOT EXISTS stripe_reconcile_runs (
+    id TEXT PRIMARY KEY,                            -- 'rec_...': audit_logs.actor of its repairs is reconcile:<id>
+    since_requested TIMESTAMPTZ,                    -- --since as asked; NULL: Stripe's 30-day event window
+    since TIMESTAMPTZ NOT NULL,                     -- events created from then on are compared
+    started_at TIMESTAMPTZ NOT NULL,
+    finished_at TIMESTAMPTZ,
+    phase TEXT NOT NULL CHECK (phase IN ('events', 'subscriptions', 'done', 'superseded')),
+    event_cursor TEXT,
+    subscription_cursor TEXT,
+    pages INTEGER NOT NULL DEFAULT 0 CHECK (pages >= 0),
+    events_listed INTEGER NOT NULL DEFAULT 0 CHECK (events_listed >= 0),
+    subscriptions_checked INTEGER NOT NULL DEFAULT 0 CHECK (subscriptions_checked >= 0),
+    drift JSONB NOT NULL DEFAULT '{}'::jsonb,       -- kind of difference -> how many were found
+    last_error TEXT
+);
+
+-- a new run resumes the one left unfinished
+CREATE INDEX IF NOT EXISTS idx_stripe_reconcile_runs_unfinished ON stripe_reconcile_runs (started_at)
+    WHERE finished_at IS NULL;
+
 -- Events that cannot be applied: kept with a readable reason, replayable.
 CREATE TABLE IF NOT EXISTS dead_letters (
     id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
@@ -1255,6 +1330,8 @@ ALTER TABLE audit_logs ENABLE ROW LEVEL SECURITY;
 ALTER TABLE usage_events ENABLE ROW LEVEL SECURITY;
 ALTER TABLE usage_hour_conversations ENABLE ROW LEVEL SECURITY;
 ALTER TABLE stripe_events ENABLE ROW LEVEL SECURITY;
+ALTER TABLE stripe_subscriptions ENABLE ROW LEVEL SECURITY;
+ALTER TABLE stripe_reconcile_runs ENABLE ROW LEVEL SECURITY;
 ALTER TABLE dead_letters ENABLE ROW LEVEL SECURITY;
 ALTER TABLE usage_periods ENABLE ROW LEVEL SECURITY;
 ALTER TABLE usage_alerts ENABLE ROW LEVEL SECURITY;
@@ -1405,15 +1482,15 @@ REVOKE TRUNCATE, REFERENCES, TRIGGER ON
     FROM anon, authenticated;
 
 REVOKE ALL ON
-    messages_default, usage_events, usage_hour_conversations, stripe_events, dead_letters, usage_periods,
-    usage_alerts, maintenance_runs, user_statistics
+    messages_default, usage_events, usage_hour_conversations, stripe_events, stripe_subscriptions,
+    stripe_reconcile_runs, dead_letters, usage_periods, usage_alerts, maintenance_runs, user_statistics
     FROM anon, authenticated;
 
 GRANT ALL ON
     profiles, language_settings, conversations, messages, messages_default, conversation_scripts,
     subscriptions, usage_tracking, learning_progress, achievements, audit_logs,
-    usage_events, usage_hour_conversations, stripe_events, dead_letters, usage_periods, usage_alerts,
-    maintenance_runs
+    usage_events, usage_hour_conversations, stripe_events, stripe_subscriptions, stripe_reconcile_runs,
+    dead_letters, usage_periods, usage_alerts, maintenance_runs
     TO service_role;
 GRANT SELECT ON user_statistics TO service_role;
 

@@ -157,6 +157,7 @@ DATA_TABLES = [
     "profiles",
     "usage_events",
     "stripe_events",
+    "stripe_reconcile_runs",
     "dead_letters",
     "maintenance_runs",
     "audit_logs",

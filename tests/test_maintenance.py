@@ -18,12 +18,13 @@ from freezegun import freeze_time
 from psycopg.types.json import Jsonb
 from test_periods import archived_counts, december_learners, use, utc
 
-from worker import cli, db, quota, stripe_sync
+from worker import cli, db, quota
 from worker.celery import app, create_app
-from worker.config import SCHEDULE_DEFAULTS
+from worker.config import BEAT_TASKS, SCHEDULE_DEFAULTS
 from worker.maintenance import jobs, runner
 from worker.maintenance import progress as learning
 from worker.metering import pipeline
+from worker.stripe import inbox, webhook
 from worker.tasks import maintenance as tasks
 
 JOBS = set(SCHEDULE_DEFAULTS)
@@ -442,10 +443,10 @@ def test_the_sweep_task_called_directly_requeues_inbox_rows_left_behind(committe
     event = {"id": "evt_left_behind", "object": "event", "type": "customer.created", "created": 1_804_000_000,
              "data": {"object": {"id": "cus_1", "object": "customer"}}}  # fmt: skip
     with db.transaction() as conn:
-        stripe_sync.store(conn, event, received)
+        webhook.store(conn, event, received)
 
     early = tasks.sweep(now=(received + timedelta(minutes=1)).isoformat())
-    late = tasks.sweep(now=(received + stripe_sync.REQUEUE_AFTER).isoformat())
+    late = tasks.sweep(now=(received + inbox.REQUEUE_AFTER).isoformat())
 
     assert early == {"job": "sweep", "ran": True, "requeued": 0, "dead_lettered": 0}
     assert late == {"job": "sweep", "ran": True, "requeued": 1, "dead_lettered": 0}
@@ -454,15 +455,18 @@ def test_the_sweep_task_called_directly_requeues_inbox_rows_left_behind(committe
 # -- the beat schedule ----------------------------------------------------------------------------------------
 
 
-def test_the_beat_schedule_runs_every_job_on_the_maintenance_queue() -> None:
+def test_the_beat_schedule_runs_every_job_on_its_tasks_queue() -> None:
     app.loader.import_default_modules()
-    schedule = app.conf.beat_schedule
+    with environment(STRIPE_API_KEY="sk_test_reconcile"):
+        schedule = create_app().conf.beat_schedule
 
-    assert {entry["task"] for entry in schedule.values()} == {f"maintenance.{job}" for job in JOBS}
+    assert {entry["task"] for entry in schedule.values()} == set(BEAT_TASKS.values())
+    assert {job for job, task in BEAT_TASKS.items() if not task.startswith("maintenance.")} == {"stripe_reconcile"}
+    assert "stripe.reconcile" not in app.conf.beat_schedule  # without STRIPE_API_KEY there is nothing to reconcile
     for job, interval in SCHEDULE_DEFAULTS.items():
-        entry = schedule[f"maintenance.{job}"]
+        entry = schedule[BEAT_TASKS[job]]
         assert entry["task"] in app.tasks
-        assert app.amqp.router.route({}, entry["task"])["queue"].name == "maintenance"
+        assert app.amqp.router.route({}, entry["task"])["queue"].name == entry["task"].split(".")[0]
         assert entry["schedule"] == interval and entry["options"]["expires"] == interval
     assert app.conf.beat_scheduler == "redbeat.RedBeatScheduler"
     assert app.conf.redbeat_lock_timeout > app.conf.beat_max_loop_interval
@@ -470,10 +474,10 @@ def test_the_beat_schedule_runs_every_job_on_the_maintenance_queue() -> None:
 
 def test_every_jobs_interval_comes_from_its_variable() -> None:
     variables = {f"SCHEDULE_{job.upper()}_SECONDS": str(10 + n) for n, job in enumerate(sorted(JOBS))}
-    with environment(**variables):
+    with environment(**variables, STRIPE_API_KEY="sk_test_reconcile"):
         schedule = create_app().conf.beat_schedule
     assert {entry["task"]: entry["schedule"] for entry in schedule.values()} == {
-        f"maintenance.{job}": 10.0 + n for n, job in enumerate(sorted(JOBS))
+        BEAT_TASKS[job]: 10.0 + n for n, job in enumerate(sorted(JOBS))
     }
 
 
@@ -485,7 +489,7 @@ def test_a_second_beat_cannot_take_the_schedulers_lock(committed: None) -> None:
     try:
         client = get_redis(app)
         assert not client.lock(first.lock_key, timeout=first.lock_timeout).acquire(blocking=False)
-        assert all(client.exists(f"redbeat:maintenance.{job}") for job in JOBS)
+        assert all(client.exists(f"redbeat:{name}") for name in app.conf.beat_schedule)
     finally:
         first.lock.release()
 

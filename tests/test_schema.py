@@ -137,6 +137,8 @@ WORKER_TABLES = [
     "usage_events",
     "usage_hour_conversations",
     "stripe_events",
+    "stripe_subscriptions",
+    "stripe_reconcile_runs",
     "dead_letters",
     "usage_periods",
     "usage_alerts",

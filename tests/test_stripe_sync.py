@@ -1,248 +1,60 @@
 """Stripe events applied to subscriptions, against the real database (rolled back after each test).
 
-Payloads are built as Stripe sends them, in both API shapes: before 2025-03-31 (period bounds on the
-subscription, an invoice's subscription at `subscription`) and from then on (bounds on the items, the
-subscription at `parent.subscription_details`). The builders and the fake Stripe API here also serve
-tests/test_stripe_webhook.py.
+Payloads are built as Stripe sends them (tests/support/stripe.py), in both API shapes: before 2025-03-31
+(period bounds on the subscription, an invoice's subscription at `subscription`) and from then on (bounds
+on the items, the subscription at `parent.subscription_details`).
 """
 
 from __future__ import annotations
 
 import itertools
-import json
-import re
-import threading
 import uuid
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
 from conftest import environment, insert_user
+from support.stripe import (
+    NOW,
+    PERIOD_END,
+    PERIOD_START,
+    SHAPES,
+    FakeStripe,
+    audit_actors,
+    checkout_session,
+    deliver,
+    invoice,
+    linked_user,
+    metered,
+    new_id,
+    open_periods,
+    period_usage,
+    price,
+    row,
+    stripe_event,
+    stripe_stand_in,
+    subscribed_user,
+    subscription,
+    ts,
+)
 
-from worker import dead_letters, stripe_sync
+from worker import dead_letters
 from worker.dead_letters import Rejected
-from worker.metering import pipeline
+from worker.stripe import inbox as stripe_inbox
+from worker.stripe import payloads, webhook
 
-API_BEFORE_BASIL = "2024-06-20"
-API_BASIL = "2025-03-31.basil"
-SHAPES = (API_BEFORE_BASIL, API_BASIL)
-
-NOW = datetime(2027, 3, 10, 12, 0, tzinfo=UTC)
-PERIOD_START = datetime(2027, 3, 5, 8, 0, tzinfo=UTC)  # Stripe's period: mid-month, not a calendar boundary
-PERIOD_END = datetime(2027, 4, 5, 8, 0, tzinfo=UTC)
 MARCH = (datetime(2027, 3, 1, tzinfo=UTC), datetime(2027, 4, 1, tzinfo=UTC))  # a UTC user's calendar month
 
 
-def ts(moment: datetime) -> int:
-    return int(moment.timestamp())
-
-
-def new_id(prefix: str) -> str:
-    return f"{prefix}_{uuid.uuid4().hex[:14]}"
-
-
-# -- payloads as Stripe sends them -------------------------------------------------------------------------
-
-
-def stripe_event(
-    type_: str, obj: dict, created: int, api_version: str = API_BASIL, event_id: str | None = None
-) -> dict:
-    return {
-        "id": event_id or new_id("evt"),
-        "object": "event",
-        "api_version": api_version,
-        "created": created,
-        "livemode": False,
-        "pending_webhooks": 1,
-        "request": {"id": new_id("req"), "idempotency_key": None},
-        "type": type_,
-        "data": {"object": obj, "previous_attributes": {}} if type_.endswith(".updated") else {"object": obj},
-    }
-
-
-def price(price_id: str = "price_standard", unit_amount: int = 1500, **metadata: str) -> dict:
-    return {
-        "id": price_id,
-        "object": "price",
-        "active": True,
-        "currency": "usd",
-        "unit_amount": unit_amount,
-        "recurring": {"interval": "month", "interval_count": 1, "usage_type": "licensed"},
-        "metadata": metadata,
-        "product": "prod_worldspeak",
-        "type": "recurring",
-    }
-
-
-def subscription(
-    subscription_id: str,
-    customer: str,
-    api_version: str = API_BASIL,
-    status: str = "active",
-    price_object: dict | None = None,
-    start: datetime = PERIOD_START,
-    end: datetime = PERIOD_END,
-    user_id: uuid.UUID | None = None,
-    **fields: Any,
-) -> dict:
-    item = {
-        "id": f"si_{subscription_id[4:]}",
-        "object": "subscription_item",
-        "price": price_object or price(),
-        "quantity": 1,
-        "subscription": subscription_id,
-    }
-    payload = {
-        "id": subscription_id,
-        "object": "subscription",
-        "customer": customer,
-        "status": status,
-        "cancel_at_period_end": False,
-        "canceled_at": None,
-        "ended_at": None,
-        "trial_end": None,
-        "metadata": {"user_id": str(user_id)} if user_id else {},
-        "items": {"object": "list", "data": [item], "has_more": False},
-        **fields,
-    }
-    bounds = {"current_period_start": ts(start), "current_period_end": ts(end)}
-    (payload if api_version < "2025-03-31" else item).update(bounds)
-    return payload
-
-
-def invoice_line(subscription_id: str, start: datetime, end: datetime, api_version: str, proration: bool) -> dict:
-    line = {
-        "id": new_id("il"),
-        "object": "line_item",
-        "amount": 1500,
-        "currency": "usd",
-        "period": {"start": ts(start), "end": ts(end)},
-    }
-    if api_version < "2025-03-31":
-        line.update(type="subscription", proration=proration, subscription=subscription_id)
-    else:
-        details = {"subscription": subscription_id, "subscription_item": "si_x", "proration": proration}
-        line["parent"] = {"type": "subscription_item_details", "subscription_item_details": details}
-    return line
-
-
-def invoice(
-    subscription_id: str | None,
-    customer: str,
-    api_version: str = API_BASIL,
-    start: datetime = PERIOD_START,
-    end: datetime = PERIOD_END,
-    proration_first: bool = False,
-) -> dict:
-    lines = [invoice_line(subscription_id or "", start, end, api_version, proration=False)]
-    if proration_first:
-        lines.insert(0, invoice_line(subscription_id or "", start + timedelta(days=9), end, api_version, True))
-    payload = {
-        "id": new_id("in"),
-        "object": "invoice",
-        "customer": customer,
-        "billing_reason": "subscription_cycle",
-        "status": "paid",
-        "period_start": ts(start - timedelta(days=31)),  # Stripe: the previous period, for subscription invoices
-        "period_end": ts(start),
-        "lines": {"object": "list", "data": lines, "has_more": False},
-    }
-    if subscription_id is not None:
-        if api_version < "2025-03-31":
-            payload["subscription"] = subscription_id
-        else:
-            details = {"subscription": subscription_id, "metadata": {}}
-            payload["parent"] = {"type": "subscription_details", "subscription_details": details}
-    return payload
-
-
-def checkout_session(customer: str | None, subscription_id: str | None, user_id: Any, via: str = "reference") -> dict:
-    return {
-        "id": new_id("cs_test"),
-        "object": "checkout.session",
-        "mode": "subscription" if subscription_id else "payment",
-        "status": "complete",
-        "customer": customer,
-        "subscription": subscription_id,
-        "client_reference_id": str(user_id) if via == "reference" else None,
-        "metadata": {"user_id": str(user_id)} if via == "metadata" else {},
-    }
-
-
-# -- a local server that answers like Stripe's API ---------------------------------------------------------
-
-
-class FakeStripe:
-    """GET /v1/subscriptions/{id} answered from `subscriptions` (or with `fail_status`); requests recorded."""
-
-    def __init__(self) -> None:
-        self.subscriptions: dict[str, dict] = {}
-        self.requests: list[dict] = []
-        self.fail_status: int | None = None
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}"
-
-    def _handler(self) -> type[BaseHTTPRequestHandler]:
-        fake = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                fake.requests.append({"path": self.path, "authorization": self.headers.get("Authorization")})
-                match = re.fullmatch(r"/v1/subscriptions/([A-Za-z0-9_]+)", self.path.split("?")[0])
-                found = fake.subscriptions.get(match.group(1)) if match else None
-                if fake.fail_status is not None:
-                    self._answer(fake.fail_status, {"error": {"type": "api_error", "message": "Stripe is down"}})
-                elif found is None:
-                    message = f"No such subscription: '{match.group(1) if match else self.path}'"
-                    error = {"type": "invalid_request_error", "code": "resource_missing", "message": message}
-                    self._answer(404, {"error": error})
-                else:
-                    self._answer(200, found)
-
-            def _answer(self, status: int, body: dict) -> None:
-                data = json.dumps(body).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.send_header("Request-Id", "req_fake")
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *_args: Any) -> None:
-                pass
-
-        return Handler
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
 @pytest.fixture
-def fake_stripe() -> Any:
-    fake = FakeStripe()
-    with environment(STRIPE_API_KEY="sk_test_fake", STRIPE_API_BASE=fake.url):
+def fake_stripe() -> Iterator[FakeStripe]:
+    with stripe_stand_in() as fake:
         yield fake
-    fake.close()
 
 
 # -- helpers -----------------------------------------------------------------------------------------------
-
-
-def deliver(connection: sa.Connection, event: dict, now: datetime = NOW) -> stripe_sync.Processed:
-    stripe_sync.store(connection, event, now)
-    return stripe_sync.process(connection, event["id"], now)
-
-
-def row(connection: sa.Connection, user: uuid.UUID) -> sa.Row:
-    return connection.execute(sa.text("SELECT * FROM subscriptions WHERE user_id = :u"), {"u": user}).one()
 
 
 def inbox(connection: sa.Connection, event_id: str) -> sa.Row:
@@ -254,39 +66,9 @@ def letters(connection: sa.Connection, event_id: str) -> list[sa.Row]:
     return connection.execute(sa.text(query), {"id": event_id}).all()
 
 
-def open_periods(connection: sa.Connection, user: uuid.UUID) -> list[sa.Row]:
-    query = "SELECT * FROM usage_periods WHERE user_id = :u AND archived_at IS NULL ORDER BY period_start"
-    return connection.execute(sa.text(query), {"u": user}).all()
-
-
 def all_periods(connection: sa.Connection, user: uuid.UUID) -> list[tuple]:
     query = "SELECT period_start, period_end, plan_type, archived_at IS NOT NULL FROM usage_periods WHERE user_id = :u"
     return [tuple(r) for r in connection.execute(sa.text(query + " ORDER BY period_start"), {"u": user})]
-
-
-def audit_actors(connection: sa.Connection, user: uuid.UUID) -> list[str]:
-    query = "SELECT actor FROM audit_logs WHERE user_id = :u AND table_name = 'subscriptions'"
-    return list(connection.scalars(sa.text(query), {"u": user}))
-
-
-def linked_user(connection: sa.Connection, customer: str, **profile: Any) -> uuid.UUID:
-    """A user whose Stripe customer was tied to them by a completed checkout."""
-    user = insert_user(connection, **profile)
-    session = checkout_session(customer, None, user)
-    the_day_before = PERIOD_START - timedelta(days=1)
-    done = deliver(connection, stripe_event("checkout.session.completed", session, ts(the_day_before)), the_day_before)
-    assert done.outcome == "applied"
-    return user
-
-
-def subscribed_user(connection: sa.Connection, api_version: str = API_BASIL, **profile: Any) -> tuple:
-    customer, subscription_id = new_id("cus"), new_id("sub")
-    user = linked_user(connection, customer, **profile)
-    created = stripe_event(
-        "customer.subscription.created", subscription(subscription_id, customer, api_version), ts(PERIOD_START)
-    )
-    assert deliver(connection, created, PERIOD_START + timedelta(seconds=5)).outcome == "applied"
-    return user, customer, subscription_id
 
 
 # -- linking -----------------------------------------------------------------------------------------------
@@ -410,7 +192,7 @@ def test_a_deleted_subscription_that_is_not_the_users_current_one_changes_nothin
 
 @pytest.mark.parametrize(
     ("status", "expected"),
-    [(status, mapped) for status, mapped in stripe_sync.STATUSES.items()] + [("incomplete", None)],
+    [(status, mapped) for status, mapped in payloads.STATUSES.items()] + [("incomplete", None)],
 )
 def test_every_stripe_status_maps_to_the_seeds_four(connection, status, expected) -> None:
     customer = new_id("cus")
@@ -443,7 +225,7 @@ def test_a_subscription_finds_its_user_through_metadata_and_links_the_customer(c
 
 def test_a_new_live_subscription_of_the_customer_replaces_the_old_one(connection) -> None:
     user, customer, old_id = subscribed_user(connection)
-    replacement = subscription(new_id("sub"), customer, price_object=price("price_premium"))
+    replacement = subscription(new_id("sub"), customer, price_object=price("price_premium"), created=ts(NOW))
     assert deliver(connection, stripe_event("customer.subscription.created", replacement, ts(NOW))).outcome == "applied"
     assert (row(connection, user).stripe_subscription_id, row(connection, user).plan_type) == (
         replacement["id"],
@@ -532,9 +314,9 @@ def test_an_unknown_customer_is_dead_lettered_and_replays_once_linked(connection
     assert dead_letters.replay(connection, letter.id, NOW) is None
     assert (row(connection, user).plan_type, row(connection, user).stripe_subscription_id) == ("standard", "sub_orphan")
     # Replaying again (or a second letter of one event) applies nothing twice.
-    stripe_sync.replay_event(connection, {"id": event["id"]}, NOW)
+    stripe_inbox.replay_event(connection, {"id": event["id"]}, NOW)
     assert (row(connection, user).plan_type, row(connection, user).stripe_subscription_id) == ("standard", "sub_orphan")
-    assert audit_actors(connection, user).count(f"stripe:{event['id']}") == 2  # the period move, then the state
+    assert audit_actors(connection, user).count(f"stripe:{event['id']}") == 1  # period, plan and state: one write
 
 
 # -- invoices ------------------------------------------------------------------------------------------------
@@ -640,12 +422,12 @@ def test_a_stripe_api_failure_is_retried_and_a_refusal_dead_lettered(connection,
     _, customer, subscription_id = subscribed_user(connection)
     deliver(connection, stripe_event("customer.subscription.updated", subscription(subscription_id, customer), ts(NOW)))
     same_second = stripe_event("customer.subscription.updated", subscription(subscription_id, customer), ts(NOW))
-    stripe_sync.store(connection, same_second, NOW)
+    webhook.store(connection, same_second, NOW)
     fake_stripe.fail_status = 500
     with pytest.raises(ConnectionError, match="Stripe API unavailable"):
-        stripe_sync.process(connection, same_second["id"], NOW)
+        stripe_inbox.process(connection, same_second["id"], NOW)
     fake_stripe.fail_status = None  # and Stripe does not know the subscription: a 404
-    assert stripe_sync.process(connection, same_second["id"], NOW).outcome == "dead_lettered"
+    assert stripe_inbox.process(connection, same_second["id"], NOW).outcome == "dead_lettered"
     assert "Stripe API refused subscription" in letters(connection, same_second["id"])[0].reason
 
 
@@ -723,9 +505,9 @@ def test_a_processed_event_is_never_applied_twice(connection) -> None:
 
 def test_an_event_not_in_the_inbox_is_rejected(connection) -> None:
     with pytest.raises(Rejected, match="not in stripe_events"):
-        stripe_sync.process(connection, "evt_never_stored", NOW)
+        stripe_inbox.process(connection, "evt_never_stored", NOW)
     with pytest.raises(Rejected, match="not in stripe_events"):
-        stripe_sync.replay_event(connection, {"not": "an event"}, NOW)
+        stripe_inbox.replay_event(connection, {"not": "an event"}, NOW)
 
 
 # -- the sweep -----------------------------------------------------------------------------------------------
@@ -733,7 +515,7 @@ def test_an_event_not_in_the_inbox_is_rejected(connection) -> None:
 
 def stored(connection: sa.Connection, received_at: datetime, **columns: Any) -> str:
     event = stripe_event("customer.created", {"object": "customer", "id": new_id("cus")}, ts(received_at))
-    stripe_sync.store(connection, event, received_at)
+    webhook.store(connection, event, received_at)
     if columns:
         assignments = ", ".join(f"{name} = :{name}" for name in columns)
         connection.execute(
@@ -747,56 +529,45 @@ def test_the_sweep_requeues_rows_whose_message_was_lost(connection) -> None:
     recent = stored(connection, NOW - timedelta(minutes=1))  # its message is presumably still queued
     tried_recently = stored(connection, NOW - timedelta(minutes=10), attempts=1, last_attempt_at=NOW)
     done = stored(connection, NOW - timedelta(minutes=10))
-    stripe_sync.process(connection, done, NOW - timedelta(minutes=9))
+    stripe_inbox.process(connection, done, NOW - timedelta(minutes=9))
 
-    result = stripe_sync.sweep(connection, NOW)
+    result = stripe_inbox.sweep(connection, NOW)
     assert lost in result.requeue
     assert {recent, tried_recently, done}.isdisjoint(result.requeue)
-    assert lost not in stripe_sync.sweep(connection, NOW + timedelta(minutes=1)).requeue  # once per 5 minutes
-    assert lost in stripe_sync.sweep(connection, NOW + timedelta(minutes=6)).requeue
+    assert lost not in stripe_inbox.sweep(connection, NOW + timedelta(minutes=1)).requeue  # once per 5 minutes
+    assert lost in stripe_inbox.sweep(connection, NOW + timedelta(minutes=6)).requeue
 
 
 def test_the_sweep_gives_up_on_rows_that_keep_failing(connection) -> None:
     failing = stored(
         connection,
         NOW - timedelta(hours=1),
-        attempts=stripe_sync.MAX_ATTEMPTS,
+        attempts=stripe_inbox.MAX_ATTEMPTS,
         last_error="OperationalError: boom",
         last_attempt_at=NOW - timedelta(minutes=6),
     )
     lettered = stored(connection, NOW - timedelta(hours=1), attempts=1, last_attempt_at=NOW - timedelta(minutes=6))
     dead_letters.write(connection, [dead_letters.Letter("stripe", {"id": lettered}, "TypeError: bug", lettered)], NOW)
 
-    result = stripe_sync.sweep(connection, NOW)
+    result = stripe_inbox.sweep(connection, NOW)
     assert {failing, lettered} <= set(result.dead_lettered)
     assert not {failing, lettered} & set(result.requeue)
     (letter,) = letters(connection, failing)
-    assert letter.reason == f"gave up after {stripe_sync.MAX_ATTEMPTS} attempts: OperationalError: boom"
+    assert letter.reason == f"gave up after {stripe_inbox.MAX_ATTEMPTS} attempts: OperationalError: boom"
     assert len(letters(connection, lettered)) == 1  # the task's letter, not a second one
     assert {inbox(connection, i).outcome for i in (failing, lettered)} == {"dead_lettered"}
-    assert failing not in stripe_sync.sweep(connection, NOW + timedelta(hours=1)).dead_lettered
+    assert failing not in stripe_inbox.sweep(connection, NOW + timedelta(hours=1)).dead_lettered
 
 
 def test_a_failed_try_is_counted(connection) -> None:
     event_id = stored(connection, NOW)
-    stripe_sync.record_failure(connection, event_id, "OperationalError: server closed the connection", NOW)
+    stripe_inbox.record_failure(connection, event_id, "OperationalError: server closed the connection", NOW)
     inbox_row = inbox(connection, event_id)
     assert (inbox_row.attempts, inbox_row.last_attempt_at, inbox_row.processed_at) == (1, NOW, None)
     assert inbox_row.last_error.startswith("OperationalError")
 
 
 # -- usage follows its time when Stripe moves period bounds -------------------------------------------------
-
-
-def metered(connection: sa.Connection, user: uuid.UUID, started: datetime, seconds: int, now: datetime) -> None:
-    usage = {"event_id": new_id("use"), "user_id": str(user), "started_at": started.isoformat(), "seconds": seconds,
-             "language": "en"}  # fmt: skip
-    assert pipeline.apply_events(connection, [usage], now).accepted
-
-
-def period_usage(connection: sa.Connection, user: uuid.UUID) -> list[tuple]:
-    query = "SELECT period_start, period_end, used_ms FROM usage_periods WHERE user_id = :u ORDER BY period_start"
-    return [tuple(r) for r in connection.execute(sa.text(query), {"u": user})]
 
 
 def test_usage_metered_before_a_new_period_starts_moves_into_it(connection) -> None:

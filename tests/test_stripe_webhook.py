@@ -20,9 +20,10 @@ import sqlalchemy as sa
 from conftest import environment, insert_user
 from http_server import serve_in_thread
 from prometheus_client.parser import text_string_to_metric_families
-from test_stripe_sync import FakeStripe, checkout_session, new_id, price, stripe_event, subscription, ts
+from support.stripe import FakeStripe, checkout_session, new_id, price, stripe_event, stripe_stand_in, subscription, ts
 
-from worker import cli, db, health, stripe_sync
+from worker import cli, db, health
+from worker.stripe import inbox, webhook
 from worker.tasks.stripe import process_event
 
 pytestmark = pytest.mark.usefixtures("committed")
@@ -39,10 +40,8 @@ def web_url() -> Iterator[str]:
 
 @pytest.fixture
 def stripe_api() -> Iterator[FakeStripe]:
-    fake = FakeStripe()
-    with environment(STRIPE_API_KEY="sk_test_fake", STRIPE_API_BASE=fake.url):
+    with stripe_stand_in() as fake:
         yield fake
-    fake.close()
 
 
 def signature(body: str, secret: str = "whsec_test_current", timestamp: int | None = None) -> str:
@@ -322,12 +321,12 @@ def test_an_event_whose_message_was_lost_is_applied_after_the_sweep(thread_worke
     user = new_user()
     event = stripe_event("checkout.session.completed", checkout_session("cus_lost", None, user), ts_now())
     with db.transaction() as conn:  # stored by the receiver, but its message vanished with Redis
-        stripe_sync.store(conn, event, datetime.now(UTC) - timedelta(minutes=10))
+        webhook.store(conn, event, datetime.now(UTC) - timedelta(minutes=10))
     time.sleep(0.3)
     assert outcomes(event["id"]) == {}
     with db.transaction() as conn:
-        result = stripe_sync.sweep(conn, datetime.now(UTC))
-    stripe_sync.enqueue(result.requeue)
+        result = inbox.sweep(conn, datetime.now(UTC))
+    webhook.enqueue(result.requeue)
     assert result.requeue == [event["id"]]
     wait_until(lambda: outcomes(event["id"]), "the swept event processed")
     assert subscription_of(user).stripe_customer_id == "cus_lost"
@@ -337,7 +336,7 @@ def test_the_task_called_directly_just_works() -> None:
     user = new_user()
     event = stripe_event("checkout.session.completed", checkout_session("cus_direct", None, user), ts_now())
     with db.transaction() as conn:
-        stripe_sync.store(conn, event, datetime.now(UTC))
+        webhook.store(conn, event, datetime.now(UTC))
     process_event(event["id"])
     process_event(event["id"])  # a second delivery of the message changes nothing
     assert outcomes(event["id"]) == {event["id"]: "applied"}

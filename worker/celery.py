@@ -22,7 +22,7 @@ from celery import Celery, signals
 from kombu import Exchange, Queue
 
 from worker import metrics
-from worker.config import QUEUES, settings
+from worker.config import BEAT_TASKS, QUEUES, settings
 from worker.liveness import HeartbeatStep
 from worker.logs import configure_logging
 
@@ -87,7 +87,7 @@ def create_app() -> Celery:
         # A run not started within its interval is dropped (the next one is due anyway), so jobs do not
         # pile up in the queue while the workers are down.
         beat_schedule={
-            f"maintenance.{job}": {"task": f"maintenance.{job}", "schedule": interval, "options": {"expires": interval}}
+            BEAT_TASKS[job]: {"task": BEAT_TASKS[job], "schedule": interval, "options": {"expires": interval}}
             for job, interval in config.schedule.items()
         },
     )

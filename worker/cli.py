@@ -18,6 +18,7 @@ from worker.clock import utcnow
 from worker.config import ConfigError, settings
 from worker.logs import configure_logging
 from worker.maintenance import jobs
+from worker.stripe import reconcile
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -156,6 +157,34 @@ def cmd_reset_due(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_stripe_reconcile(args: argparse.Namespace) -> int:
+    try:
+        report = reconcile.run(args.since, utcnow(), dry_run=args.dry_run)
+    except reconcile.ReconcileUnavailable as exc:
+        print(f"stripe-reconcile: {exc}", file=sys.stderr)
+        return 2
+    if not report.ran:
+        print("stripe-reconcile: another run is in progress; nothing done")
+        return 1
+    run = "dry run" if report.dry_run else f"run {report.run_id}" + (" (resumed)" if report.resumed else "")
+    print(
+        f"stripe-reconcile {run}, events since {report.since.isoformat()}: {report.events_listed} listed on"
+        f" {report.pages} pages, {report.subscriptions_checked} subscriptions compared with Stripe"
+    )
+    for difference in report.differences:
+        print(f"  {difference.kind}: {difference.subject}: {difference.detail}")
+    if report.events_processed:
+        taken = ", ".join(f"{count} {outcome}" for outcome, count in sorted(report.events_processed.items()))
+        print(f"missing events taken through the inbox: {taken}")
+    if not report.differences:
+        print("nothing differs")
+    elif report.dry_run:
+        print(f"{len(report.differences)} differences, nothing changed (dry run)")
+    else:
+        print(f"{len(report.differences)} differences, {report.repaired} subscriptions repaired from Stripe")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     token = args.token or next(iter(settings().ingest_api_tokens), None)
     try:
@@ -202,6 +231,16 @@ def _add_demo(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the worker (default 60)")
 
 
+def _add_stripe_reconcile(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "stripe-reconcile", help="find and repair what missed Stripe webhooks left behind (stripe.reconcile)"
+    )
+    parser.add_argument(
+        "--since", type=_moment, help="RFC 3339 time or date (UTC): events from then on (default: Stripe's 30 days)"
+    )
+    parser.add_argument("--dry-run", action="store_true", help="print what differs, change nothing")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="worldspeak-worker", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -211,6 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_dead_letters(commands)
     _add_rebuild_usage(commands)
     _add_demo(commands)
+    _add_stripe_reconcile(commands)
     commands.add_parser(
         "reset-due", help="archive every period that has ended and start the next (maintenance.reset_monthly_usage)"
     ).add_argument("--now", type=_moment, help="RFC 3339 time or date (UTC) to reset for (default: now)")
@@ -225,6 +265,7 @@ COMMANDS: dict[str, Command] = {
     "rebuild-usage": cmd_rebuild_usage,
     "demo": cmd_demo,
     "reset-due": cmd_reset_due,
+    "stripe-reconcile": cmd_stripe_reconcile,
 }
 
 

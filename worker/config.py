@@ -117,12 +117,26 @@ SCHEDULE_DEFAULTS = {  # seconds between runs of each beat job
     "refresh_materialized_views": 600.0,
     "aggregate_usage": 300.0,
     "sweep": 60.0,
+    "stripe_reconcile": 86400.0,
+}
+BEAT_TASKS = {  # the task each beat job runs; a job's name is also its maintenance_runs.job
+    "reset_monthly_usage": "maintenance.reset_monthly_usage",
+    "ensure_partitions": "maintenance.ensure_partitions",
+    "refresh_materialized_views": "maintenance.refresh_materialized_views",
+    "aggregate_usage": "maintenance.aggregate_usage",
+    "sweep": "maintenance.sweep",
+    "stripe_reconcile": "stripe.reconcile",  # on the stripe queue: it talks to Stripe's API
 }
 
 
-def _schedule(environ: Mapping[str, str]) -> dict[str, float]:
+NEEDS_STRIPE_API = frozenset({"stripe_reconcile"})  # scheduled only with STRIPE_API_KEY: no key, nothing to do
+
+
+def _schedule(environ: Mapping[str, str], stripe_api: bool) -> dict[str, float]:
     return {
-        job: _float(environ, f"SCHEDULE_{job.upper()}_SECONDS", default) for job, default in SCHEDULE_DEFAULTS.items()
+        job: _float(environ, f"SCHEDULE_{job.upper()}_SECONDS", default)
+        for job, default in SCHEDULE_DEFAULTS.items()
+        if stripe_api or job not in NEEDS_STRIPE_API
     }
 
 
@@ -164,7 +178,7 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
         pg_idle_in_transaction_timeout=_float(
             environ, "PG_IDLE_IN_TRANSACTION_TIMEOUT_SECONDS", base.pg_idle_in_transaction_timeout
         ),
-        schedule=_schedule(environ),
+        schedule=_schedule(environ, stripe_api=bool(environ.get("STRIPE_API_KEY", "").strip())),
     )
 
 

@@ -74,14 +74,24 @@ class DemoError(Exception):
 
 # -- learners ----------------------------------------------------------------------------------------------
 
+# The learner's row and the state of the Stripe subscription it shows, as Stripe's events would leave them.
 _INSERT_PAID_SUBSCRIPTION = sa.text(
     """
-    INSERT INTO subscriptions (user_id, plan_type, status, current_period_start, current_period_end, reset_date,
-                               monthly_minutes_limit, monthly_minutes_used, stripe_customer_id,
-                               stripe_subscription_id, stripe_price_id, stripe_status, stripe_state_at)
-    SELECT :user_id, :plan, 'active', :start, b.period_end, (b.period_end AT TIME ZONE 'UTC')::date, :minutes, 0,
-           :customer, :subscription, :price, 'active', :start
-    FROM (SELECT next_period_end(:start, 'UTC', false) AS period_end) AS b
+    WITH paid AS (
+        INSERT INTO subscriptions (user_id, plan_type, status, current_period_start, current_period_end, reset_date,
+                                   monthly_minutes_limit, monthly_minutes_used, stripe_customer_id,
+                                   stripe_subscription_id, stripe_price_id, stripe_status, stripe_state_at)
+        SELECT :user_id, :plan, 'active', :start, b.period_end, (b.period_end AT TIME ZONE 'UTC')::date, :minutes, 0,
+               :customer, :subscription, :price, 'active', :start
+        FROM (SELECT next_period_end(:start, 'UTC', false) AS period_end) AS b
+        RETURNING *
+    )
+    INSERT INTO stripe_subscriptions (id, user_id, customer_id, status, plan_type, monthly_minutes_limit, price_id,
+                                      current_period_start, current_period_end, created, state_at, linked_at,
+                                      updated_at)
+    SELECT stripe_subscription_id, user_id, stripe_customer_id, stripe_status, plan_type, monthly_minutes_limit,
+           stripe_price_id, current_period_start, current_period_end, :start, :start, :start, :start
+    FROM paid
     """
 )
 

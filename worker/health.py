@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
+from typing import Any
 
 import kombu
 import redis
@@ -225,7 +226,7 @@ def _unacked_messages(connection: kombu.Connection) -> int | None:
     client (RabbitMQ's own metrics have them), so None there."""
     if connection.transport.driver_type != "redis":
         return None
-    channel = connection.default_channel
+    channel: Any = connection.default_channel  # kombu's Redis channel: its client and the unacked hash
     with channel.conn_or_acquire() as client:
         return client.hlen(channel.unacked_key)
 

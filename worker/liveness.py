@@ -45,7 +45,7 @@ def withdraw(name: str, client: redis.Redis) -> None:
 def alive_workers(client: redis.Redis) -> dict[str, list[str]]:
     """Each worker with a fresh heartbeat and the queues it consumes; names whose heartbeat expired are
     forgotten on the way."""
-    names = sorted(client.smembers(WORKERS_KEY))
+    names = sorted(str(name) for name in client.smembers(WORKERS_KEY))  # a client that decodes responses
     heartbeats = client.mget([HEARTBEAT_PREFIX + name for name in names]) if names else []
     expired = [name for name, heartbeat in zip(names, heartbeats, strict=True) if heartbeat is None]
     if expired:

@@ -76,6 +76,13 @@ STRIPE_EVENTS = Counter(
     ["type", "outcome"],
     registry=None,
 )
+STRIPE_DRIFT = Counter(
+    "worldspeak_stripe_drift",
+    "Differences with Stripe found by stripe.reconcile, by kind (missing_event, missing_state, status, plan, "
+    "period, cancellation, trial, unreadable, not_found, refused).",
+    ["kind"],
+    registry=None,
+)
 DEAD_LETTERS = Counter(
     "worldspeak_dead_letters",
     "Dead letters written (counted once their transaction committed), by source (usage, stripe, ...).",
@@ -109,6 +116,11 @@ def usage_batch_committed(accepted: int, duplicates: int, rejected: int, events:
 def stripe_event(event_type: str, outcome: str) -> None:
     """Count one processed Stripe event (call it once its outcome is committed)."""
     STRIPE_EVENTS.labels(event_type, outcome).inc()
+
+
+def stripe_drift(kind: str, count: int) -> None:
+    """Count differences stripe.reconcile found (each once, in the run part that found it)."""
+    STRIPE_DRIFT.labels(kind).inc(count)
 
 
 def dead_lettered(source: str, count: int) -> None:

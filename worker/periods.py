@@ -79,9 +79,13 @@ _EXTEND_PERIODS = sa.text(
         FROM wanted w JOIN usage_periods u ON u.user_id = w.user_id
         GROUP BY w.user_id, w.first_at, w.last_at
     ), plan AS (
-        SELECT k.*, s.plan_type, s.monthly_minutes_limit, worker_timezone(p.timezone) AS tz,
-               (s.stripe_subscription_id IS NULL OR s.plan_type = 'free') AS calendar
+        SELECT k.*, COALESCE(o.plan_type, s.plan_type) AS plan_type,
+               COALESCE(o.minutes, s.monthly_minutes_limit) AS monthly_minutes_limit, worker_timezone(p.timezone) AS tz,
+               COALESCE(o.calendar, s.stripe_subscription_id IS NULL OR s.plan_type = 'free') AS calendar
         FROM known k JOIN subscriptions s ON s.user_id = k.user_id JOIN profiles p ON p.id = k.user_id
+        LEFT JOIN unnest(CAST(:plan_users AS uuid[]), CAST(:plan_types AS text[]), CAST(:plan_minutes AS int[]),
+                         CAST(:plan_calendars AS boolean[])) AS o(user_id, plan_type, minutes, calendar)
+               ON o.user_id = k.user_id
         WHERE k.last_at > k.known_end OR k.first_at < k.known_start
     ), missing AS (
         SELECT user_id, known_end AS period_start, next_period_end(known_end, tz, calendar) AS period_end,
@@ -113,16 +117,39 @@ def _span_params(spans: Mapping[str, Span]) -> dict[str, str]:
     }
 
 
-def ensure_periods(conn: Connection, spans: Mapping[str, Span], now: datetime) -> None:
-    """Make sure every user has a subscription row and usage_periods rows covering their span of usage."""
+@dataclass(frozen=True)
+class PeriodPlan:
+    """The plan of the periods a user's subscription is about to run in, before its row says so."""
+
+    plan: str
+    monthly_minutes: int
+    calendar: bool  # calendar months (free plan), else periods of a month from the start
+
+
+def _plan_params(plans: Mapping[str, PeriodPlan]) -> dict[str, str]:
+    user_ids = sorted(plans)
+    return {
+        "plan_users": bare_array(user_ids),
+        "plan_types": array_literal(plans[user_id].plan for user_id in user_ids),
+        "plan_minutes": bare_array([plans[user_id].monthly_minutes for user_id in user_ids]),
+        "plan_calendars": array_literal("t" if plans[user_id].calendar else "f" for user_id in user_ids),
+    }
+
+
+def ensure_periods(
+    conn: Connection, spans: Mapping[str, Span], now: datetime, plans: Mapping[str, PeriodPlan] | None = None
+) -> None:
+    """Make sure every user has a subscription row and usage_periods rows covering their span of usage.
+    Periods that have to be predicted take the plan of the user's subscription row, or `plans`."""
     if not spans:
         return
     params = _span_params(spans)
     free_minutes = settings().plan_minutes["free"]
     conn.execute(_CREATE_FREE_SUBSCRIPTIONS, {"user_ids": params["user_ids"], "now": now, "free_minutes": free_minutes})
     conn.execute(_CREATE_CURRENT_PERIODS, {"user_ids": params["user_ids"]})
+    extend = {**params, **_plan_params(plans or {}), "now": now}
     for _ in range(MAX_PERIOD_STEPS):
-        if conn.execute(_EXTEND_PERIODS, {**params, "now": now}).first() is None:
+        if conn.execute(_EXTEND_PERIODS, extend).first() is None:
             return
     raise RuntimeError(f"usage spans more than {MAX_PERIOD_STEPS} periods for some of {len(spans)} users")
 
@@ -227,11 +254,10 @@ _DUE = sa.text(
     """
 )
 
-# Start (or find, when usage already created it) each user's period at :starts, archive every earlier
-# open period, and point the subscription at it with the usage it already holds.
-_MOVE = sa.text(
-    """
-    WITH moves AS (
+# Start (or find, when usage already created it) each user's period at :starts and archive every earlier
+# open period; _MOVE also points the subscription at it with the usage it already holds.
+_START_PERIODS = """
+    moves AS (
         SELECT * FROM unnest(CAST(:user_ids AS uuid[]), CAST(:starts AS timestamptz[]), CAST(:ends AS timestamptz[]),
                              CAST(:plans AS text[]), CAST(:minutes AS int[]))
                  AS m(user_id, period_start, period_end, plan_type, minutes)
@@ -266,6 +292,11 @@ _MOVE = sa.text(
         ON CONFLICT (user_id, period_start) DO NOTHING
         RETURNING id
     )
+"""
+
+_MOVE = sa.text(
+    f"""
+    WITH {_START_PERIODS}
     UPDATE subscriptions s
     SET current_period_start = n.period_start,
         current_period_end = n.period_end,
@@ -282,6 +313,9 @@ _MOVE = sa.text(
     """
 )
 
+# The data-modifying CTEs run whether or not the query reads them.
+_START = sa.text(f"WITH {_START_PERIODS} SELECT count(*) AS archived_count FROM archived")
+
 
 @dataclass(frozen=True)
 class PeriodStart:
@@ -292,27 +326,35 @@ class PeriodStart:
     monthly_minutes: int
 
 
+def _move_params(starts: list[PeriodStart], now: datetime, authoritative: bool) -> dict[str, object]:
+    return {
+        "user_ids": bare_array([s.user_id for s in starts]),
+        "starts": time_array(s.start for s in starts),
+        "ends": time_array(s.end for s in starts),
+        "plans": array_literal(s.plan for s in starts),
+        "minutes": bare_array([s.monthly_minutes for s in starts]),
+        "now": now,
+        "authoritative": authoritative,
+        "longest": timedelta(seconds=settings().usage_max_event_seconds),
+    }
+
+
 def move_to_periods(conn: Connection, starts: list[PeriodStart], now: datetime, authoritative: bool) -> int:
     """Point each user's subscription at the given period (created when missing) and archive earlier
     open periods. `authoritative` bounds (Stripe's) overwrite a predicted period's end; predicted ones
     (a reset computing the next calendar month) keep an end already stored. Returns periods archived."""
     if not starts:
         return 0
-    starts = sorted(starts, key=lambda s: s.user_id)
-    rows = conn.execute(
-        _MOVE,
-        {
-            "user_ids": bare_array([s.user_id for s in starts]),
-            "starts": time_array(s.start for s in starts),
-            "ends": time_array(s.end for s in starts),
-            "plans": array_literal(s.plan for s in starts),
-            "minutes": bare_array([s.monthly_minutes for s in starts]),
-            "now": now,
-            "authoritative": authoritative,
-            "longest": timedelta(seconds=settings().usage_max_event_seconds),
-        },
-    ).all()
+    rows = conn.execute(_MOVE, _move_params(sorted(starts, key=lambda s: s.user_id), now, authoritative)).all()
     return rows[0].archived_count if rows else 0
+
+
+def start_periods(conn: Connection, starts: list[PeriodStart], now: datetime, authoritative: bool) -> int:
+    """`move_to_periods` for the usage periods alone: the caller writes the subscription rows itself."""
+    if not starts:
+        return 0
+    params = _move_params(sorted(starts, key=lambda s: s.user_id), now, authoritative)
+    return int(conn.execute(_START, params).scalar_one())
 
 
 @dataclass

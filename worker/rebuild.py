@@ -23,10 +23,9 @@ longer, unless that setting was lowered since: then widen --from by the old maxi
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
@@ -34,12 +33,11 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from worker import db, periods, quota
-from worker.config import settings
-from worker.metering.events import HOUR_MS, HourTotals, UsageEvent, hourly_totals, overlap_ms, to_datetime, to_ms
+from worker.metering.events import HOUR_MS, HourTotals, UsageEvent, hourly_totals, to_datetime, to_ms
 from worker.metering.tracking import HOUR_START, write_tracking
 from worker.sqlarrays import array_literal, bare_array, time_array
+from worker.usage_recount import EVENT_COLUMNS, PeriodTotal, ledger_event, longest_event, recount_periods
 
-STREAM_ROWS = 10_000  # ledger rows fetched per round trip while summing period totals
 ACTOR = "rebuild-usage"  # audit_logs.actor of the subscription changes a rebuild makes
 
 
@@ -94,46 +92,18 @@ def _invalidate_after_commit(conn: Connection, user_ids: set[str]) -> None:
 
 # -- the ledger ----------------------------------------------------------------------------------------------
 
-_EVENT_COLUMNS = """e.event_id, e.user_id::text AS user_id, e.started_at, e.duration_ms, e.language,
-                    e.conversation_id::text AS conversation_id, e.feature"""
-
 _EVENTS_OVERLAPPING = sa.text(
     f"""
-    SELECT {_EVENT_COLUMNS} FROM usage_events e
+    SELECT {EVENT_COLUMNS} FROM usage_events e
     WHERE e.started_at < :end AND e.started_at > :earliest
       AND e.started_at + e.duration_ms * interval '1 millisecond' > :start
     """
 )
 
-_EVENTS_OF_USERS = sa.text(
-    f"""
-    SELECT {_EVENT_COLUMNS}
-    FROM unnest(CAST(:user_ids AS uuid[]), CAST(:firsts AS timestamptz[]), CAST(:lasts AS timestamptz[]))
-         AS w(user_id, first_at, last_at)
-    JOIN usage_events e ON e.user_id = w.user_id AND e.started_at < w.last_at AND e.started_at > w.first_at - :longest
-    """
-)
-
-
-def _longest_event() -> timedelta:
-    return timedelta(seconds=settings().usage_max_event_seconds)
-
-
-def _event(row: Any) -> UsageEvent:
-    return UsageEvent(
-        row.event_id,
-        row.user_id,
-        to_ms(row.started_at),
-        row.duration_ms,
-        row.language,
-        row.conversation_id,
-        row.feature,
-    )
-
 
 def _events_overlapping(conn: Connection, start: datetime, end: datetime) -> list[UsageEvent]:
-    params = {"start": start, "end": end, "earliest": start - _longest_event()}
-    return [_event(row) for row in conn.execute(_EVENTS_OVERLAPPING, params)]
+    params = {"start": start, "end": end, "earliest": start - longest_event()}
+    return [ledger_event(row) for row in conn.execute(_EVENTS_OVERLAPPING, params)]
 
 
 # -- usage_tracking and usage_hour_conversations ---------------------------------------------------------
@@ -298,24 +268,6 @@ def _rebuild_hours(conn: Connection, report: Report, events: list[UsageEvent], n
 
 # -- period totals ---------------------------------------------------------------------------------------
 
-_PERIODS_IN_RANGE = sa.text(
-    """
-    SELECT id, user_id::text AS user_id, period_start, period_end, used_ms, limit_ms FROM usage_periods
-    WHERE period_start < :end AND period_end > :start
-      AND (CAST(:user_ids AS uuid[]) IS NULL OR user_id = ANY(CAST(:user_ids AS uuid[])))
-    ORDER BY id
-    FOR UPDATE
-    """
-)
-
-_SET_PERIOD_TOTALS = sa.text(
-    """
-    UPDATE usage_periods u SET used_ms = d.used_ms
-    FROM unnest(CAST(:ids AS bigint[]), CAST(:used AS bigint[])) AS d(id, used_ms)
-    WHERE u.id = d.id
-    """
-)
-
 _SUBSCRIPTIONS = sa.text(
     """
     SELECT user_id::text AS user_id, current_period_start, monthly_minutes_used, limit_reached_at
@@ -341,58 +293,26 @@ def _period_key(row: Any) -> str:
     return f"user {row.user_id} period {row.period_start.isoformat()} to {row.period_end.isoformat()}"
 
 
-def _period_totals(conn: Connection, rows: Sequence[Any]) -> dict[int, int]:
-    """Each period's exact usage in ms, from all ledger events of its user that overlap it."""
-    by_user: dict[str, list[Any]] = defaultdict(list)
-    for row in rows:
-        by_user[row.user_id].append(row)
-    users = sorted(by_user)
-    params = {
-        "user_ids": bare_array(users),
-        "firsts": time_array(min(row.period_start for row in by_user[user]) for user in users),
-        "lasts": time_array(max(row.period_end for row in by_user[user]) for user in users),
-        "longest": _longest_event(),
-    }
-    used = dict.fromkeys((row.id for row in rows), 0)
-    for ledger_row in conn.execute(_EVENTS_OF_USERS, params, execution_options={"yield_per": STREAM_ROWS}):
-        event = _event(ledger_row)
-        for row in by_user[event.user_id]:
-            used[row.id] += overlap_ms(event, to_ms(row.period_start), to_ms(row.period_end))
-    return used
+def _rebuild_periods(conn: Connection, report: Report, now: datetime) -> None:
+    totals = recount_periods(conn, report.start, report.end)
+    report.periods_checked = len(totals)
+    changed = [total for total in totals if total.stored_ms != total.used_ms]
+    for total in changed:
+        detail = f"used_ms {total.stored_ms} -> {total.used_ms}"
+        report.changes.append(Change("usage_periods", "corrected", _period_key(total), detail))
+    report.users_changed.update(total.user_id for total in changed)
+    if totals:
+        _rebuild_subscriptions(conn, report, totals, now)
 
 
-def recount_periods(conn: Connection, user_ids: list[str], start: datetime, end: datetime, now: datetime) -> Report:
-    """Recompute from the ledger the totals of these users' periods overlapping [start, end), and their
-    subscriptions' views of them: after period bounds moved, usage follows the time it happened."""
-    report = Report(start, end)
-    _rebuild_periods(conn, report, now, user_ids)
-    return report
-
-
-def _rebuild_periods(conn: Connection, report: Report, now: datetime, user_ids: list[str] | None = None) -> None:
-    users = bare_array(user_ids) if user_ids is not None else None
-    rows = conn.execute(_PERIODS_IN_RANGE, {"start": report.start, "end": report.end, "user_ids": users}).all()
-    report.periods_checked = len(rows)
-    if not rows:
-        return
-    used = _period_totals(conn, rows)
-    changed = [row for row in rows if row.used_ms != used[row.id]]
-    for row in changed:
-        detail = f"used_ms {row.used_ms} -> {used[row.id]}"
-        report.changes.append(Change("usage_periods", "corrected", _period_key(row), detail))
-    if changed:
-        conn.execute(
-            _SET_PERIOD_TOTALS,
-            {"ids": bare_array([row.id for row in changed]), "used": bare_array([used[row.id] for row in changed])},
-        )
-    report.users_changed.update(row.user_id for row in changed)
-    current = {(row.user_id, row.period_start): row for row in rows}
+def _rebuild_subscriptions(conn: Connection, report: Report, totals: list[PeriodTotal], now: datetime) -> None:
+    current = {(total.user_id, total.period_start): total for total in totals}
     to_set = []
-    for sub in conn.execute(_SUBSCRIPTIONS, {"user_ids": bare_array(sorted({row.user_id for row in rows}))}):
+    for sub in conn.execute(_SUBSCRIPTIONS, {"user_ids": bare_array(sorted({total.user_id for total in totals}))}):
         period = current.get((sub.user_id, sub.current_period_start))
         if period is None:
             continue
-        minutes, reached = used[period.id] // 60_000, used[period.id] >= period.limit_ms
+        minutes, reached = period.used_ms // 60_000, period.used_ms >= period.limit_ms
         if (sub.monthly_minutes_used, sub.limit_reached_at is not None) == (minutes, reached):
             continue
         to_set.append((sub.user_id, minutes, reached))

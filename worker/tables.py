@@ -128,6 +128,49 @@ stripe_events = sa.Table(
     sa.Column("last_attempt_at", TZ),
 )
 
+stripe_subscriptions = sa.Table(
+    "stripe_subscriptions",
+    metadata,
+    sa.Column("id", sa.Text, primary_key=True),
+    sa.Column("user_id", UUID, nullable=False),
+    sa.Column("customer_id", sa.Text),
+    sa.Column("status", sa.Text),
+    sa.Column("plan_type", sa.Text),
+    sa.Column("monthly_minutes_limit", sa.Integer),
+    sa.Column("price_id", sa.Text),
+    sa.Column("price_cents", sa.Integer),
+    sa.Column("currency", sa.Text),
+    sa.Column("monthly_amount_cents", sa.BigInteger),
+    sa.Column("current_period_start", TZ),
+    sa.Column("current_period_end", TZ),
+    sa.Column("cancel_at_period_end", sa.Boolean, nullable=False),
+    sa.Column("canceled_at", TZ),
+    sa.Column("trial_end", TZ),
+    sa.Column("created", TZ),
+    sa.Column("state_at", TZ),
+    sa.Column("state_event_id", sa.Text),
+    sa.Column("linked_at", TZ, nullable=False),
+    sa.Column("updated_at", TZ, nullable=False),
+)
+
+stripe_reconcile_runs = sa.Table(
+    "stripe_reconcile_runs",
+    metadata,
+    sa.Column("id", sa.Text, primary_key=True),
+    sa.Column("since_requested", TZ),
+    sa.Column("since", TZ, nullable=False),
+    sa.Column("started_at", TZ, nullable=False),
+    sa.Column("finished_at", TZ),
+    sa.Column("phase", sa.Text, nullable=False),
+    sa.Column("event_cursor", sa.Text),
+    sa.Column("subscription_cursor", sa.Text),
+    sa.Column("pages", sa.Integer, nullable=False),
+    sa.Column("events_listed", sa.Integer, nullable=False),
+    sa.Column("subscriptions_checked", sa.Integer, nullable=False),
+    sa.Column("drift", JSONB, nullable=False),
+    sa.Column("last_error", sa.Text),
+)
+
 dead_letters = sa.Table(
     "dead_letters",
     metadata,

@@ -13,10 +13,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from worker import db, health, ingest, quota, stripe_sync
+from worker import db, health, ingest, quota
 from worker.clock import utcnow
 from worker.config import settings
 from worker.logs import configure_logging, get_logger
+from worker.stripe import webhook
 
 log = get_logger(__name__)
 
@@ -137,7 +138,7 @@ async def metrics_text(_request: Request) -> Response:
 
 def _store_stripe_event(event: dict) -> bool:
     with db.transaction() as conn:
-        return stripe_sync.store(conn, event, utcnow())
+        return webhook.store(conn, event, utcnow())
 
 
 async def stripe_webhook(request: Request) -> JSONResponse:
@@ -146,12 +147,12 @@ async def stripe_webhook(request: Request) -> JSONResponse:
     if not secrets:
         return _error(503, "STRIPE_WEBHOOK_SECRETS is empty: no Stripe event can be verified")
     try:
-        body = await _read_body(request, stripe_sync.MAX_BODY_BYTES)
+        body = await _read_body(request, webhook.MAX_BODY_BYTES)
     except BodyTooLarge:
-        return _error(413, f"body is larger than {stripe_sync.MAX_BODY_BYTES} bytes")
+        return _error(413, f"body is larger than {webhook.MAX_BODY_BYTES} bytes")
     try:
-        event = stripe_sync.verify(body, request.headers.get("stripe-signature"), secrets)
-    except stripe_sync.InvalidWebhook as exc:
+        event = webhook.verify(body, request.headers.get("stripe-signature"), secrets)
+    except webhook.InvalidWebhook as exc:
         log.warning("stripe_webhook_rejected", reason=exc.reason)
         return _error(400, exc.reason)
     try:
@@ -160,7 +161,7 @@ async def stripe_webhook(request: Request) -> JSONResponse:
         return _unavailable(exc, "POST /webhooks/stripe")
     if stored:
         try:
-            await asyncio.to_thread(stripe_sync.enqueue, [event["id"]])
+            await asyncio.to_thread(webhook.enqueue, [event["id"]])
         except (kombu.exceptions.OperationalError, redis.RedisError) as exc:  # stored: maintenance.sweep queues it
             log.warning("stripe_event_not_queued", event_id=event["id"], error=health.first_line(exc))
     return JSONResponse({"received": True, "duplicate": not stored})

@@ -12,10 +12,11 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from worker import db, periods, quota, stripe_sync
+from worker import db, periods, quota
 from worker.logs import get_logger
 from worker.maintenance import progress
 from worker.maintenance.runner import JobRun, is_lock_timeout, run_job, set_lock_timeout
+from worker.stripe import inbox
 
 log = get_logger(__name__)
 
@@ -145,10 +146,10 @@ def run_aggregate_usage(now: datetime) -> JobRun[progress.Aggregation]:
 # -- maintenance.sweep -----------------------------------------------------------------------------------
 
 
-def run_sweep(now: datetime) -> JobRun[stripe_sync.SweepResult]:
-    """stripe_sync.sweep in the job's transaction; the events it found are queued once that has committed."""
+def run_sweep(now: datetime) -> JobRun[inbox.SweepResult]:
+    """The Stripe inbox's sweep in the job's transaction; the events it found are queued once that has committed."""
     return run_job(
         "sweep",
-        lambda conn: stripe_sync.sweep(conn, now),
+        lambda conn: inbox.sweep(conn, now),
         lambda swept: {"requeued": len(swept.requeue), "dead_lettered": len(swept.dead_lettered)},
     )

@@ -17,7 +17,8 @@ rollback. Times there are the worker's clock; the business time a job works for 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -91,6 +92,22 @@ def run_job(job: str, work: Callable[[Connection], T], describe: Callable[[T], d
     summary = describe(result)
     log.info("maintenance_done", job=job, duration_ms=_elapsed_ms(clock), **summary)
     return JobRun(job, ran=True, result=result, summary=summary)
+
+
+@contextmanager
+def recorded_run(job: str) -> Iterator[None]:
+    """Record in maintenance_runs, as run_job does, a job that runs its own transactions (stripe.reconcile,
+    which must not hold one across Stripe's API)."""
+    clock = time.monotonic()
+    with db.transaction() as conn:
+        _record_run(conn, job, last_started_at=utcnow())
+    try:
+        yield
+    except Exception as exc:
+        _record_failure(job, clock, exc)
+        raise
+    with db.transaction() as conn:
+        _record_run(conn, job, last_succeeded_at=utcnow(), last_duration_ms=_elapsed_ms(clock), last_error=None)
 
 
 def _record_failure(job: str, clock: float, exc: Exception) -> None:

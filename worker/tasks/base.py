@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import TypeVar
 
 import celery
 
@@ -25,6 +26,8 @@ from worker.logs import get_logger
 from worker.retry import MAX_RETRIES, failure_reason, retry_delay
 
 log = get_logger(__name__)
+
+T = TypeVar("T")
 
 
 def write_letters(letters: list[Letter]) -> None:
@@ -44,6 +47,15 @@ class WorkerTask(celery.Task):
         if delay is not None:
             log.warning("task_retry", task=self.name, task_id=self.request.id, retries=retries, error=str(exc))
             raise self.retry(exc=exc, countdown=delay) from exc
+
+    def retrying(self, job: Callable[[], T]) -> T:
+        """Run a job whose input is itself (a periodic job, a reconciliation): a transient failure is retried
+        with backoff, anything else raised (the job records it; the next scheduled run starts afresh)."""
+        try:
+            return job()
+        except Exception as exc:
+            self.retry_or_raise(exc)
+            raise
 
     @contextmanager
     def dead_lettering(self, letters: Callable[[str], list[Letter]]) -> Iterator[None]:

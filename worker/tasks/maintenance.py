@@ -32,11 +32,7 @@ def _now(task: WorkerTask, value: Any) -> datetime:
 
 
 def _run(task: WorkerTask, job: Callable[[], JobRun[Any]]) -> dict[str, Any]:
-    try:
-        return job().as_dict()
-    except Exception as exc:
-        task.retry_or_raise(exc)
-        raise
+    return task.retrying(job).as_dict()
 
 
 @app.task(name="maintenance.reset_monthly_usage", base=WorkerTask, bind=True)
