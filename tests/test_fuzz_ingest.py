@@ -30,6 +30,8 @@ from worker.metering.events import to_ms
 from worker.web import app as web_app
 
 AUTH = {"Authorization": "Bearer test-token-1"}
+
+
 def fuzzing(examples: int, shrink: bool = True) -> settings:
     """Settings of a fuzz test; `shrink=False` for tests whose examples each take seconds (a failure is
     reported as drawn: shrinking it would take minutes)."""
@@ -40,6 +42,7 @@ def fuzzing(examples: int, shrink: bool = True) -> settings:
         deadline=None,
         suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large],
     )
+
 
 # -- what is drawn ---------------------------------------------------------------------------------------
 

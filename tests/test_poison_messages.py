@@ -80,7 +80,8 @@ def test_poison_messages_are_dead_lettered_and_the_worker_lives_on(spawn_worker)
 
     wait_until(lambda: len(rows("SELECT 1 FROM usage_events")) == 3, "the good events")
     wait_until(lambda: len(letters()) == 6, "six dead letters")
-    assert {event_id for (event_id,) in rows("SELECT event_id FROM usage_events")} == {"beside-1", "beside-2", "after-all"}
+    recorded = {event_id for (event_id,) in rows("SELECT event_id FROM usage_events")}
+    assert recorded == {"beside-1", "beside-2", "after-all"}
     found = letters()
     assert found["deep"] == ("usage", "event nested deeper than 30 levels")
     assert found["deep-single"][0] == "usage" and "nested deeper" in found["deep-single"][1]
