@@ -199,7 +199,7 @@ class LiveCollector:
 
     @staticmethod
     def _from_redis() -> Iterator[Metric]:
-        from worker.celery_app import QUEUES  # here: celery_app imports this module (for its signals)
+        from worker.broker import QUEUES
 
         # kombu keeps each queue as a Redis list named after it
         with redis_client().pipeline(transaction=False) as pipe:

@@ -24,6 +24,9 @@ from worker.logs import get_logger
 log = get_logger(__name__)
 
 MAX_BACKOFF = 60.0  # seconds
+# On RabbitMQ's quorum queues a countdown waits in Celery's native delayed delivery, which counts whole
+# seconds and fails on a countdown under one (celery 5.6: Task.retry then rejects the message unqueued).
+MIN_RETRY_COUNTDOWN = 1.0  # seconds
 
 
 def utcnow() -> datetime:
@@ -33,6 +36,11 @@ def utcnow() -> datetime:
 def backoff(retries: int) -> float:
     """Seconds before retry number `retries + 1`: exponential with full jitter, capped."""
     return random.uniform(0.5, 1.0) * min(MAX_BACKOFF, 0.5 * 2**retries)
+
+
+def retry_countdown(retries: int) -> float:
+    """Seconds before a task's retry number `retries + 1`: the backoff, never under a second."""
+    return max(MIN_RETRY_COUNTDOWN, backoff(retries))
 
 
 def parse_now(value: str | None) -> datetime:
@@ -66,7 +74,7 @@ class WorkerTask(celery.Task):
             retries = self.request.retries or 0
             if db.is_transient(exc) and retries < self.max_retries:
                 log.warning("task_retry", task=self.name, task_id=self.request.id, retries=retries, error=str(exc))
-                raise self.retry(exc=exc, countdown=backoff(retries)) from exc
+                raise self.retry(exc=exc, countdown=retry_countdown(retries)) from exc
             prefix = f"gave up after {retries + 1} attempts: " if db.is_transient(exc) else ""
             log.exception("task_failed", task=self.name, task_id=self.request.id)
             self._dead_letter(letters(f"{prefix}{type(exc).__name__}: {exc}"))
@@ -77,4 +85,4 @@ class WorkerTask(celery.Task):
         except Exception as exc:
             log.exception("dead_letter_write_failed", task=self.name, task_id=self.request.id)
             retries = self.request.retries or 0
-            raise self.retry(exc=exc, countdown=backoff(retries), max_retries=None) from exc
+            raise self.retry(exc=exc, countdown=retry_countdown(retries), max_retries=None) from exc

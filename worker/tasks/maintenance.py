@@ -15,7 +15,7 @@ from typing import Any
 from worker import db, maintenance
 from worker.celery_app import app
 from worker.logs import get_logger
-from worker.tasks.base import WorkerTask, backoff, parse_now
+from worker.tasks.base import WorkerTask, parse_now, retry_countdown
 
 log = get_logger(__name__)
 
@@ -35,7 +35,7 @@ def _run(task: WorkerTask, job: Callable[[], maintenance.JobRun]) -> dict[str, A
     except Exception as exc:
         retries = task.request.retries or 0
         if db.is_transient(exc) and retries < task.max_retries:
-            raise task.retry(exc=exc, countdown=backoff(retries)) from exc
+            raise task.retry(exc=exc, countdown=retry_countdown(retries)) from exc
         raise
 
 

@@ -4,7 +4,8 @@ Single events are coalesced by celery-batches into one set-based transaction per
 celery-batches are handled here: it acknowledges every message of a flush even when the flush raised
 (so the flush retries in place, and on lasting failure re-queues its events as one batch message before
 returning), and it needs a prefetch at least as large as its batch (so its strategy raises the
-channel's prefetch count when it starts).
+channel's prefetch count when it starts, or, on RabbitMQ's quorum queues, where a consumer's prefetch is
+fixed when it subscribes, the prefetch the worker subscribes with).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 from celery import current_task
 from celery_batches import Batches, SimpleRequest
 
-from worker import db, metering, metrics, quota
+from worker import broker, db, metering, metrics, quota
 from worker.celery_app import app
 from worker.config import settings
 from worker.dead_letters import Letter, Rejected
@@ -72,6 +73,8 @@ class CoalescingBatches(Batches):
 
     def Strategy(self, task: Batches, app: Any, consumer: Any) -> Any:
         handler = super().Strategy(task, app, consumer)
+        if broker.prefetch_is_static(app, consumer.connection):  # the consumer subscribes after this
+            consumer.initial_prefetch_count = max(consumer.initial_prefetch_count, self.flush_every)
 
         def handle_with_room_to_fill(*args: Any, **kwargs: Any) -> Any:
             qos = consumer.qos  # 0 means unlimited
