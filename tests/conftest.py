@@ -307,17 +307,26 @@ def rabbitmq_url() -> Iterator[str]:
         yield url
 
 
-@pytest.fixture(scope="session")
-def rabbitmq_app(rabbitmq_url: str) -> Iterator[Any]:
-    """A Celery app of this process that publishes to this run's RabbitMQ vhost (tasks go by name)."""
+@contextmanager
+def producer_app(broker_url: str) -> Iterator[Any]:
+    """A Celery app of this process that publishes to `broker_url` (tasks are sent by name)."""
     from worker import app
     from worker.celery_app import create_app
 
-    with environment(CELERY_BROKER_URL=rabbitmq_url):
+    with environment(CELERY_BROKER_URL=broker_url):
         producer = create_app()
     app.set_current()  # a new Celery app makes itself the current one
-    yield producer
-    producer.close()
+    try:
+        yield producer
+    finally:
+        producer.close()
+
+
+@pytest.fixture(scope="session")
+def rabbitmq_app(rabbitmq_url: str) -> Iterator[Any]:
+    """The producer app of this run's RabbitMQ vhost."""
+    with producer_app(rabbitmq_url) as producer:
+        yield producer
 
 
 @dataclass(frozen=True)

@@ -250,13 +250,14 @@ class PrivateRabbitMQ:
     def start(self) -> None:
         began = time.monotonic()
         (self.directory / "node.pid").unlink(missing_ok=True)
-        self.process = subprocess.Popen(
-            [str(RABBITMQ_SBIN / "rabbitmq-server")],
-            env=self.environ,
-            stdout=self.log.open("a"),
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        with self.log.open("a") as log:
+            self.process = subprocess.Popen(
+                [str(RABBITMQ_SBIN / "rabbitmq-server")],
+                env=self.environ,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         wait_for(lambda: (self.directory / "node.pid").exists(), "private RabbitMQ", self.process, self.log)
         self.ctl("await_startup", "--timeout", str(int(START_TIMEOUT)))
         self.started_in = time.monotonic() - began
