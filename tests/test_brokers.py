@@ -9,10 +9,12 @@ import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
+import httpx
 import psycopg
 import pytest
 import redis
 from conftest import ROOT, TEST_ENV, Broker, insert_user, purge_queues
+from http_server import free_port, serve_in_subprocess
 from test_metering_workers import assert_exact, make_events, make_users, scalar, wait_until
 
 from tests.support.servers import private_postgres, shared_rabbitmqctl
@@ -127,3 +129,24 @@ def take_task_names(app, queue_name: str) -> set[str]:
         while (message := bound.get(no_ack=True)) is not None:
             names.add(message.headers["task"])
     return names
+
+
+def test_readyz_checks_a_rabbitmq_broker(rabbitmq_url: str) -> None:
+    with serve_in_subprocess(CELERY_BROKER_URL=rabbitmq_url) as url:
+        assert httpx.get(f"{url}/readyz", timeout=15).json() == {"status": "ready"}
+    with serve_in_subprocess(CELERY_BROKER_URL=f"amqp://guest:guest@127.0.0.1:{free_port()}//") as url:
+        response = httpx.get(f"{url}/readyz", timeout=15)
+    assert response.status_code == 503
+    assert list(response.json()["down"]) == ["broker"]
+
+
+def test_metrics_count_the_messages_waiting_in_rabbitmq(rabbitmq_app, rabbitmq_url: str) -> None:
+    purge_queues(rabbitmq_app)
+    for _ in range(3):
+        rabbitmq_app.send_task("maintenance.sweep")
+    with serve_in_subprocess(CELERY_BROKER_URL=rabbitmq_url) as url:
+        scrape = httpx.get(f"{url}/metrics", timeout=30).text
+    assert 'worldspeak_queue_messages{queue="maintenance"} 3.0' in scrape
+    assert 'worldspeak_queue_messages{queue="usage"} 0.0' in scrape
+    assert 'worldspeak_dependency_up{dependency="broker"} 1.0' in scrape
+    purge_queues(rabbitmq_app)

@@ -106,3 +106,11 @@ def ping(app: Celery, timeout: float = PING_TIMEOUT) -> None:
     """Raise unless the broker accepts a connection within `timeout` seconds."""
     with app.connection_for_write() as connection:
         connection.ensure_connection(max_retries=1, timeout=timeout)
+
+
+def waiting_messages(app: Celery) -> dict[str, int]:
+    """Messages ready in each queue, as the broker counts them (not those delivered and unacknowledged).
+    The queues are declared if missing, as any producer's first message would."""
+    with app.connection_for_write() as connection:
+        channel = connection.default_channel
+        return {queue.name: queue(channel).queue_declare().message_count for queue in app.conf.task_queues}

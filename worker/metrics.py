@@ -25,6 +25,8 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
+import amqp.exceptions
+import kombu.exceptions
 import redis
 import sqlalchemy as sa
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest, values
@@ -32,6 +34,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
 from worker import db
+from worker.broker import is_rabbitmq
 from worker.cache import redis_client
 from worker.config import settings
 from worker.logs import get_logger
@@ -176,8 +179,16 @@ def process_exited() -> None:
 # -- scrape ------------------------------------------------------------------------------------------------
 
 
+def _waiting(depths: dict[str, int]) -> Metric:
+    waiting = GaugeMetricFamily("worldspeak_queue_messages", "Messages waiting in each queue.", labels=["queue"])
+    for queue, depth in depths.items():
+        waiting.add_metric([queue], depth)
+    return waiting
+
+
 class LiveCollector:
-    """Gauges read at scrape time from Redis and PostgreSQL; a dependency that is down shows as up=0."""
+    """Gauges read at scrape time from Redis, RabbitMQ (when it is the broker) and PostgreSQL; a dependency
+    that is down shows as up=0."""
 
     def collect(self) -> Iterator[Metric]:
         up = GaugeMetricFamily(
@@ -189,6 +200,13 @@ class LiveCollector:
         except redis.RedisError as exc:
             log.warning("metrics_redis_unavailable", error=str(exc))
             up.add_metric(["redis"], 0)
+        if is_rabbitmq(settings().broker_url):
+            try:
+                yield from self._from_rabbitmq()
+                up.add_metric(["broker"], 1)
+            except (kombu.exceptions.KombuError, amqp.exceptions.AMQPError, OSError) as exc:
+                log.warning("metrics_broker_unavailable", error=str(exc))
+                up.add_metric(["broker"], 0)
         try:
             yield from self._from_postgresql()
             up.add_metric(["postgresql"], 1)
@@ -201,19 +219,26 @@ class LiveCollector:
     def _from_redis() -> Iterator[Metric]:
         from worker.broker import QUEUES
 
+        if is_rabbitmq(settings().broker_url):
+            redis_client().ping()  # the quota cache; the queues are RabbitMQ's
+            return
         # kombu keeps each queue as a Redis list named after it
         with redis_client().pipeline(transaction=False) as pipe:
             for queue in QUEUES:
                 pipe.llen(queue)
             pipe.hlen(UNACKED_KEY)
             *depths, unacked = pipe.execute()
-        waiting = GaugeMetricFamily("worldspeak_queue_messages", "Messages waiting in each queue.", labels=["queue"])
-        for queue, depth in zip(QUEUES, depths, strict=True):
-            waiting.add_metric([queue], depth)
-        yield waiting
+        yield _waiting(dict(zip(QUEUES, depths, strict=True)))
         yield GaugeMetricFamily(
             "worldspeak_queue_unacked_messages", "Messages delivered to workers and not yet acknowledged.", unacked
         )
+
+    @staticmethod
+    def _from_rabbitmq() -> Iterator[Metric]:
+        from worker.broker import waiting_messages
+        from worker.celery_app import app
+
+        yield _waiting(waiting_messages(app))  # AMQP tells no count of the unacknowledged ones
 
     @staticmethod
     def _from_postgresql() -> Iterator[Metric]:

@@ -14,8 +14,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from worker import db, ingest, metrics, quota, stripe_sync
+from worker import broker, db, ingest, metrics, quota, stripe_sync
 from worker.cache import redis_client
+from worker.celery_app import app as celery_app
 from worker.config import settings
 from worker.logs import configure_logging, get_logger
 from worker.tasks.base import utcnow
@@ -39,8 +40,14 @@ def _check_redis() -> None:
     redis_client().ping()
 
 
+def _check_broker() -> None:
+    broker.ping(celery_app)
+
+
 async def readyz(_request: Request) -> JSONResponse:
     checks = {"postgresql": _check_postgres, "redis": _check_redis}
+    if settings().broker_url != settings().redis_url:  # a broker of its own: RabbitMQ
+        checks["broker"] = _check_broker
     results = await asyncio.gather(
         *(asyncio.wait_for(asyncio.to_thread(check), READINESS_TIMEOUT) for check in checks.values()),
         return_exceptions=True,
