@@ -20,7 +20,7 @@ from test_metering_workers import assert_exact, make_events, make_users, scalar,
 from tests.support.servers import private_postgres, shared_rabbitmqctl
 from worker.broker import QUEUES
 
-pytestmark = pytest.mark.usefixtures("committed")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("committed")]
 
 
 def test_celery_inspect_ping_answers_on_each_broker(spawn_worker, broker: Broker) -> None:

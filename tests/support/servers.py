@@ -20,7 +20,6 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
-import psycopg
 import redis
 
 START_TIMEOUT = 60.0  # seconds
@@ -191,14 +190,6 @@ def private_postgres() -> Iterator[PrivatePostgres]:
         server.stop()
         server.kill()
         shutil.rmtree(directory, ignore_errors=True)
-
-
-def postgres_answers(url: str) -> bool:
-    try:
-        with psycopg.connect(url, connect_timeout=1) as conn:
-            return conn.execute("SELECT 1").fetchone() == (1,)
-    except psycopg.OperationalError:
-        return False
 
 
 class PrivateRabbitMQ:
