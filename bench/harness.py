@@ -164,11 +164,11 @@ class MemoryPeaks:
 
 
 def start_worker(
-    name: str, env: dict[str, str], log_dir: Path, concurrency: int, include: str | None = None
+    name: str, env: dict[str, str], log_dir: Path, concurrency: int, include: str | None = None, app: str = "worker"
 ) -> Service:
     """`celery -A worker worker` as the Procfile runs it (all three queues, INFO logs), prefork."""
     command = [
-        sys.executable, "-m", "celery", "-A", "worker", "worker", "-Q", "usage,stripe,maintenance",
+        sys.executable, "-m", "celery", "-A", app, "worker", "-Q", "usage,stripe,maintenance",
         "-c", str(concurrency), "-P", "prefork", "-n", f"{name}@localhost", "-l", "INFO",
         "--without-gossip", "--without-mingle", "--without-heartbeat",
     ]  # fmt: skip

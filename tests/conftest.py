@@ -1,8 +1,9 @@
-"""Fixtures on the machine's real PostgreSQL and Redis.
+"""Fixtures on the machine's real PostgreSQL, Redis and RabbitMQ.
 
-Each run gets its own databases (`ws_test_<run>_*`, created here and dropped at the end) and its own
-Redis database number, claimed with a lock key, so parallel runs never see each other. The
-environment is set before `worker` is imported, because its settings are read once per process.
+Each run gets its own databases (`ws_test_<run>_*`, created here and dropped at the end), its own
+Redis database number, claimed with a lock key, and, when a test asks for RabbitMQ, its own vhost
+(`ws_test_<run>`), so parallel runs never see each other. The environment is set before `worker` is
+imported, because its settings are read once per process.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -23,6 +26,7 @@ import redis as redis_lib
 from psycopg import sql
 
 from bench.harness import claim_redis_db, reset_redis
+from tests.support.servers import shared_rabbitmq_vhost
 
 ROOT = Path(__file__).resolve().parent.parent
 PG_HOST = os.environ.get("TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432")
@@ -294,3 +298,58 @@ def environment(**values: str) -> Iterator[None]:
             else:
                 os.environ[key] = value
         settings.cache_clear()
+
+
+@pytest.fixture(scope="session")
+def rabbitmq_url() -> Iterator[str]:
+    """This run's vhost on the machine's RabbitMQ."""
+    with shared_rabbitmq_vhost(f"ws_test_{RUN_ID}") as url:
+        yield url
+
+
+@contextmanager
+def producer_app(broker_url: str) -> Iterator[Any]:
+    """A Celery app of this process that publishes to `broker_url` (tasks are sent by name)."""
+    from worker.celery import app, create_app
+
+    with environment(CELERY_BROKER_URL=broker_url):
+        producer = create_app()
+    app.set_current()  # a new Celery app makes itself the current one
+    try:
+        yield producer
+    finally:
+        producer.close()
+
+
+@pytest.fixture(scope="session")
+def rabbitmq_app(rabbitmq_url: str) -> Iterator[Any]:
+    """The producer app of this run's RabbitMQ vhost."""
+    with producer_app(rabbitmq_url) as producer:
+        yield producer
+
+
+@dataclass(frozen=True)
+class Broker:
+    name: str
+    env: dict[str, str]  # for worker subprocesses
+    app: Any  # the Celery app producers in the test process publish with
+
+
+def purge_queues(app: Any) -> None:
+    with app.connection_for_write() as connection:
+        for queue in app.conf.task_queues:
+            bound = queue(connection.default_channel)
+            bound.declare()
+            bound.purge()
+
+
+@pytest.fixture(params=["redis", "rabbitmq"])
+def broker(request: pytest.FixtureRequest) -> Broker:
+    """Each broker in turn: the run's Redis database, then the run's RabbitMQ vhost (emptied first)."""
+    from worker.celery import app
+
+    if request.param == "redis":
+        return Broker("redis", {}, app)
+    producer = request.getfixturevalue("rabbitmq_app")
+    purge_queues(producer)
+    return Broker("rabbitmq", {"CELERY_BROKER_URL": request.getfixturevalue("rabbitmq_url")}, producer)

@@ -50,6 +50,7 @@ def test_lists_and_pairs_are_parsed() -> None:
         ({"STRIPE_PRICE_PLANS": "price_1=platinum"}, "unknown plan 'platinum'"),
         ({"DATABASE_URL": "mysql://localhost/x"}, "DATABASE_URL must start with"),
         ({"REDIS_URL": "localhost:6379"}, "REDIS_URL must start with"),
+        ({"CELERY_BROKER_URL": "sqs://queue"}, "CELERY_BROKER_URL must start with"),
         ({"LOG_LEVEL": "LOUD"}, "LOG_LEVEL must be"),
         ({"USAGE_FLUSH_INTERVAL": "-1"}, "USAGE_FLUSH_INTERVAL must be > 0"),
     ],
@@ -57,3 +58,11 @@ def test_lists_and_pairs_are_parsed() -> None:
 def test_malformed_values_name_the_variable(environ: dict[str, str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         load_settings(environ)
+
+
+def test_the_broker_is_redis_unless_celery_broker_url_names_another() -> None:
+    assert load_settings({}).broker_url == "redis://localhost:6379/0"
+    assert load_settings({"REDIS_URL": "redis://cache:6379/2"}).broker_url == "redis://cache:6379/2"
+    rabbitmq = load_settings({"REDIS_URL": "redis://cache:6379/2", "CELERY_BROKER_URL": "amqp://u:p@mq:5672//"})
+    assert (rabbitmq.broker_url, rabbitmq.redis_url) == ("amqp://u:p@mq:5672//", "redis://cache:6379/2")
+    assert load_settings({"CELERY_BROKER_URL": " "}).broker_url == "redis://localhost:6379/0"

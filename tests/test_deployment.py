@@ -35,27 +35,40 @@ def test_compose_runs_every_procfile_process_with_the_same_command() -> None:
         assert services[name]["command"] == processes[name], name
 
 
-def test_compose_services_wait_for_healthy_postgres_and_redis() -> None:
+def test_compose_services_wait_for_healthy_postgres_redis_and_rabbitmq() -> None:
     services = compose()["services"]
     assert services["postgres"]["image"].startswith("postgres:15")
     assert services["redis"]["image"].startswith("redis:7")
     assert "--appendonly yes" in services["redis"]["command"]
     assert "--maxmemory-policy noeviction" in services["redis"]["command"]
-    for name in ("postgres", "redis"):
+    assert services["rabbitmq"]["image"].startswith("rabbitmq:3.13")
+    for name in ("postgres", "redis", "rabbitmq"):
         assert services[name]["healthcheck"]["test"], name
     assert services["migrate"]["depends_on"]["postgres"]["condition"] == "service_healthy"
     for name in ("web", "worker", "beat"):
         depends = services[name]["depends_on"]
         assert depends["postgres"]["condition"] == "service_healthy", name
         assert depends["redis"]["condition"] == "service_healthy", name
+        assert depends["rabbitmq"]["condition"] == "service_healthy", name
         assert depends["migrate"]["condition"] == "service_completed_successfully", name
         assert services[name]["environment"]["DATABASE_URL"].startswith("postgresql://")
-        assert services[name]["environment"]["REDIS_URL"] == "redis://redis:6379/0"
+        assert services[name]["environment"]["REDIS_URL"] == "redis://redis:6379/0"  # quota cache, beat
+        assert services[name]["environment"]["CELERY_BROKER_URL"].startswith("amqp://")
+        assert "@rabbitmq:5672/" in services[name]["environment"]["CELERY_BROKER_URL"]
     assert services["web"]["environment"]["WEB_HOST"] == "0.0.0.0"
     metrics_dir = services["web"]["environment"]["PROMETHEUS_MULTIPROC_DIR"]
     for name in ("web", "worker"):  # the web's /metrics sums the worker's files only if both see them
         assert f"metrics:{metrics_dir}" in services[name]["volumes"], name
     assert "healthcheck" in services["web"]
+
+
+def test_compose_rabbitmq_keeps_its_queues_and_gives_workers_an_hour_to_acknowledge() -> None:
+    rabbitmq = compose()["services"]["rabbitmq"]
+    assert "rabbitmq-data:/var/lib/rabbitmq" in rabbitmq["volumes"]
+    assert rabbitmq["hostname"]  # the node's data directory is named after it
+    assert "rabbitmq-data" in compose()["volumes"]
+    timeout_ms = int(rabbitmq["environment"]["RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS"].split("consumer_timeout")[1])
+    assert timeout_ms >= 3_600_000  # at least the visibility timeout Redis gives a worker
 
 
 def test_compose_builds_from_the_dockerfile() -> None:

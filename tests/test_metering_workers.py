@@ -1,6 +1,7 @@
-"""Metering through real Celery workers on the real broker: many processes, duplicates, kills, cut connections.
+"""Metering through real Celery workers on the real brokers: many processes, duplicates, kills, cut connections.
 
-Every test ends by comparing the database with totals computed from the events alone.
+The worker-process tests run on Redis and on RabbitMQ. Every test ends by comparing the database with
+totals computed from the events alone.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from datetime import UTC, datetime, timedelta
 import psycopg
 import pytest
 import sqlalchemy as sa
-from conftest import TEST_ENV, flush_redis, insert_user
+from celery import Celery
+from conftest import TEST_ENV, Broker, flush_redis, insert_user
 from test_metering import event, reference
 
 from worker import db, quota
@@ -81,42 +83,42 @@ def assert_exact(users: dict, events: list[dict]) -> None:
     assert scalar("SELECT count(*) FROM dead_letters") == 0
 
 
-def publish(events: list[dict], batch_size: int) -> None:
+def publish(producer: Celery, events: list[dict], batch_size: int) -> None:
     for start in range(0, len(events), batch_size):
-        app.send_task("metering.record_usage_batch", args=[events[start : start + batch_size]])
+        producer.send_task("metering.record_usage_batch", args=[events[start : start + batch_size]])
 
 
 @pytest.mark.slow
-def test_several_worker_processes_count_10000_events_with_duplicates_exactly(spawn_worker) -> None:
+def test_several_worker_processes_count_10000_events_with_duplicates_exactly(spawn_worker, broker: Broker) -> None:
     now = datetime.now(UTC)
     users = make_users(30)
     events = make_events(users, 10_000, now)
     duplicates = random.Random(3).sample(events, 1_000)
-    spawn_worker(concurrency=2)
-    spawn_worker(concurrency=2)
+    spawn_worker(concurrency=2, env=broker.env)
+    spawn_worker(concurrency=2, env=broker.env)
     stream = events + duplicates
     random.Random(5).shuffle(stream)
-    publish(stream[:9_000], 250)
+    publish(broker.app, stream[:9_000], 250)
     for item in stream[9_000:]:  # the single-event path, coalesced by the workers
-        app.send_task("metering.record_usage", args=[item])
+        broker.app.send_task("metering.record_usage", args=[item])
     wait_until(lambda: scalar("SELECT count(*) FROM usage_events") == 10_000, 120, "10,000 ledger rows")
     wait_until(lambda: scalar("SELECT count(*) FROM usage_events") == 10_000, 1, "no more rows")
     assert_exact(users, events)
 
 
 @pytest.mark.slow
-def test_a_worker_killed_mid_stream_is_redelivered_and_counted_once(spawn_worker) -> None:
+def test_a_worker_killed_mid_stream_is_redelivered_and_counted_once(spawn_worker, broker: Broker) -> None:
     now = datetime.now(UTC)
     users = make_users(10)
     events = make_events(users, 6_000, now, seed=11)
-    short_visibility = {"CELERY_VISIBILITY_TIMEOUT": "2"}
+    short_visibility = {"CELERY_VISIBILITY_TIMEOUT": "2", **broker.env}  # RabbitMQ redelivers at once
     victim = spawn_worker(concurrency=2, env=short_visibility)
-    publish(events, 100)
+    publish(broker.app, events, 100)
     wait_until(lambda: scalar("SELECT count(*) FROM usage_events") >= 500, 60, "the stream to start")
     victim.kill()
     done_before_restart = scalar("SELECT count(*) FROM usage_events")
     assert done_before_restart < len(events), "the worker finished before it could be killed"
-    publish(random.Random(1).sample(events, 300), 100)  # producers retrying on their side too
+    publish(broker.app, random.Random(1).sample(events, 300), 100)  # producers retrying on their side too
     spawn_worker(concurrency=2, env=short_visibility)
     wait_until(lambda: scalar("SELECT count(*) FROM usage_events") == len(events), 120, "every event after restart")
     assert_exact(users, events)
@@ -138,7 +140,7 @@ def test_a_connection_cut_mid_batch_is_retried_and_exact(thread_worker) -> None:
     main_thread = threading.current_thread()
     sa.event.listen(db.engine(), "before_cursor_execute", cut_connection)
     try:
-        publish(events, 300)
+        publish(app, events, 300)
         wait_until(lambda: scalar("SELECT count(*) FROM usage_events") == 300, 60, "the retried batch")
     finally:
         sa.event.remove(db.engine(), "before_cursor_execute", cut_connection)

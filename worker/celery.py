@@ -13,16 +13,16 @@ the event id), so every setting here leans towards redelivering rather than losi
   its time waiting in a prefetch buffer, or a slow task would run twice (harmless, but wasted work);
 - prefetch multiplier 4 (CELERY_PREFETCH_MULTIPLIER): keeps the pool busy between round trips to Redis
   without hoarding; the single-event batcher raises the channel's prefetch to its own batch size;
-- no result backend: producers never wait for results; outcomes are rows in PostgreSQL.
+- no result backend: producers never wait for results; outcomes are rows in PostgreSQL;
+- the broker's own part (URL, transport, queue and exchange types) comes from worker.broker.
 """
 
 from __future__ import annotations
 
 from celery import Celery, signals
-from kombu import Exchange, Queue
 
-from worker import metrics
-from worker.config import BEAT_TASKS, QUEUES, settings
+from worker import broker, metrics
+from worker.config import BEAT_TASKS, settings
 from worker.liveness import HeartbeatStep
 from worker.logs import configure_logging
 
@@ -30,28 +30,11 @@ TASK_MODULES = ["worker.tasks.metering", "worker.tasks.stripe", "worker.tasks.ma
 CONSUMER = "worker.tasks.consumer:DeadLetteringConsumer"
 
 
-def redis_transport_options(visibility_timeout: int) -> dict[str, int]:
-    """Kombu's Redis options: abandoned messages are looked for every tenth of the visibility timeout
-    (at most every 100 s, kombu's default), so a short timeout also means a quick redelivery. The lock
-    that one sweep holds expires with the timeout too (at most kombu's 300 s), or a worker killed in the
-    middle of a sweep would hold every redelivery back for five minutes."""
-    sweep_every = max(1, min(100, visibility_timeout // 10))  # seconds
-    interval = min(10, sweep_every)
-    return {
-        "visibility_timeout": visibility_timeout,
-        "unacked_restore_interval": interval,
-        "unacked_restore_throttle": -(-sweep_every // interval),  # ceiling division
-        "unacked_mutex_expire": max(5, min(300, visibility_timeout)),  # seconds
-    }
-
-
 def create_app() -> Celery:
     config = settings()
     app = Celery("worldspeak", include=TASK_MODULES)
     app.conf.update(
-        broker_url=config.redis_url,
         broker_connection_retry_on_startup=True,
-        broker_transport_options=redis_transport_options(config.visibility_timeout),
         result_backend=None,
         result_expires=None,  # no results, so no daily celery.backend_cleanup in the beat schedule
         task_ignore_result=True,
@@ -63,8 +46,6 @@ def create_app() -> Celery:
         worker_max_memory_per_child=200_000,  # KiB: a pool process above 200 MB is replaced after its task
         task_serializer="json",
         accept_content=["json"],
-        # Each queue its own direct exchange and routing key: messages of one queue never reach another.
-        task_queues=[Queue(name, Exchange(name, type="direct"), routing_key=name) for name in QUEUES],
         task_default_queue="usage",
         task_default_exchange="usage",
         task_default_routing_key="usage",
@@ -90,6 +71,7 @@ def create_app() -> Celery:
             BEAT_TASKS[job]: {"task": BEAT_TASKS[job], "schedule": interval, "options": {"expires": interval}}
             for job, interval in config.schedule.items()
         },
+        **broker.celery_conf(config),
     )
     app.steps["worker"].add(HeartbeatStep)
     return app

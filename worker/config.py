@@ -24,6 +24,7 @@ class ConfigError(ValueError):
 class Settings:
     database_url: str = "postgresql://postgres@localhost:5432/worldspeak"
     redis_url: str = "redis://localhost:6379/0"
+    broker_url: str = "redis://localhost:6379/0"  # CELERY_BROKER_URL; REDIS_URL when unset
     visibility_timeout: int = 3600  # seconds
     stripe_webhook_secrets: tuple[str, ...] = ()
     stripe_api_key: str = ""
@@ -147,14 +148,23 @@ def _url(environ: Mapping[str, str], name: str, default: str, schemes: tuple[str
     return value
 
 
+def _broker_url(environ: Mapping[str, str], redis_url: str) -> str:
+    """CELERY_BROKER_URL: Redis (the embedded default, REDIS_URL itself) or RabbitMQ."""
+    if not environ.get("CELERY_BROKER_URL", "").strip():
+        return redis_url
+    return _url(environ, "CELERY_BROKER_URL", redis_url, ("redis://", "rediss://", "amqp://", "amqps://"))
+
+
 def load_settings(environ: Mapping[str, str]) -> Settings:
     base = Settings()
+    redis_url = _url(environ, "REDIS_URL", base.redis_url, ("redis://", "rediss://", "unix://"))
     log_level = environ.get("LOG_LEVEL", base.log_level).upper()
     if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ConfigError(f"LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR, got {log_level!r}")
     return Settings(
         database_url=_url(environ, "DATABASE_URL", base.database_url, ("postgresql://", "postgres://")),
-        redis_url=_url(environ, "REDIS_URL", base.redis_url, ("redis://", "rediss://", "unix://")),
+        redis_url=redis_url,
+        broker_url=_broker_url(environ, redis_url),
         visibility_timeout=_int(environ, "CELERY_VISIBILITY_TIMEOUT", base.visibility_timeout, minimum=1),
         stripe_webhook_secrets=_list(environ, "STRIPE_WEBHOOK_SECRETS"),
         stripe_api_key=environ.get("STRIPE_API_KEY", "").strip(),

@@ -22,7 +22,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 from sqlalchemy.engine import Connection
 
-from worker import db, liveness, metrics
+from worker import broker, db, liveness, metrics
 from worker.cache import redis_client
 from worker.celery import app
 from worker.config import QUEUES, settings
@@ -50,16 +50,26 @@ def _check_redis() -> None:
     redis_client().ping()
 
 
-CHECKS: dict[str, Callable[[], None]] = {"postgresql": _check_postgres, "redis": _check_redis}
+def _check_broker() -> None:
+    broker.ping(app, timeout=READINESS_TIMEOUT)
+
+
+def checks() -> dict[str, Callable[[], None]]:
+    """What must answer for the web to be ready: PostgreSQL, Redis, and the broker when it is not that Redis."""
+    found = {"postgresql": _check_postgres, "redis": _check_redis}
+    if settings().broker_url != settings().redis_url:
+        found["broker"] = _check_broker
+    return found
 
 
 async def unavailable() -> dict[str, str]:
     """Each dependency that does not answer within READINESS_TIMEOUT, with why."""
+    dependencies = checks()
     results = await asyncio.gather(
-        *(asyncio.wait_for(asyncio.to_thread(check), READINESS_TIMEOUT) for check in CHECKS.values()),
+        *(asyncio.wait_for(asyncio.to_thread(check), READINESS_TIMEOUT) for check in dependencies.values()),
         return_exceptions=True,
     )
-    return {name: _why_down(result) for name, result in zip(CHECKS, results, strict=True) if result is not None}
+    return {name: _why_down(result) for name, result in zip(dependencies, results, strict=True) if result is not None}
 
 
 def first_line(exc: BaseException) -> str:
@@ -130,9 +140,10 @@ class LiveCollector:
         whichever broker it is; every round trip bounded (each transport reads the options it knows)."""
         timeouts = {"socket_timeout": BROKER_SCRAPE_TIMEOUT, "socket_connect_timeout": BROKER_SCRAPE_TIMEOUT}
         timeouts |= {"read_timeout": BROKER_SCRAPE_TIMEOUT, "write_timeout": BROKER_SCRAPE_TIMEOUT}
-        with app.connection_for_read(
-            url, connect_timeout=BROKER_SCRAPE_TIMEOUT, transport_options=timeouts
-        ) as connection:
+        options: dict[str, Any] = {"connect_timeout": BROKER_SCRAPE_TIMEOUT, "transport_options": timeouts}
+        # Another broker than the app's speaks its own transport, not the one the app configured for its own.
+        connection = app.connection_for_read(**options) if url is None else kombu.Connection(url, **options)
+        with connection:
             try:
                 connection.ensure_connection(max_retries=0)
                 depths = {queue: _ready_messages(connection, queue) for queue in QUEUES}

@@ -1,1 +1,1 @@
-"""Shared test support: payload builders and stand-ins for the services the worker talks to."""
+"""Shared test support: payload builders, stand-ins for the services the worker talks to, private servers."""

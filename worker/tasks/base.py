@@ -29,6 +29,10 @@ log = get_logger(__name__)
 
 T = TypeVar("T")
 
+# On RabbitMQ's quorum queues a countdown waits in Celery's native delayed delivery, which counts whole
+# seconds and fails on a countdown under one (celery 5.6: Task.retry then rejects the message unqueued).
+MIN_RETRY_COUNTDOWN = 1.0  # seconds
+
 
 def write_letters(letters: list[Letter]) -> None:
     """Store dead letters in a transaction of their own."""
@@ -46,7 +50,7 @@ class WorkerTask(celery.Task):
         delay = retry_delay(exc, retries, self.max_retries)
         if delay is not None:
             log.warning("task_retry", task=self.name, task_id=self.request.id, retries=retries, error=str(exc))
-            raise self.retry(exc=exc, countdown=delay) from exc
+            raise self.retry(exc=exc, countdown=max(MIN_RETRY_COUNTDOWN, delay)) from exc
 
     def retrying(self, job: Callable[[], T]) -> T:
         """Run a job whose input is itself (a periodic job, a reconciliation): a transient failure is retried
@@ -75,4 +79,4 @@ class WorkerTask(celery.Task):
         except Exception as exc:
             log.exception("dead_letter_write_failed", task=self.name, task_id=self.request.id)
             delay = retry_delay(exc, self.request.retries or 0, max_retries=None) or 1.0
-            raise self.retry(exc=exc, countdown=delay, max_retries=None) from exc
+            raise self.retry(exc=exc, countdown=max(MIN_RETRY_COUNTDOWN, delay), max_retries=None) from exc

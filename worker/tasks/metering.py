@@ -1,10 +1,12 @@
 """Usage tasks: `metering.record_usage_batch` (a list of events) and `metering.record_usage` (one event).
 
-Single events are coalesced by celery-batches into one set-based transaction per flush. Two pitfalls of
-celery-batches are handled here: it acknowledges every message of a flush even when the flush raised
+Single events are coalesced by celery-batches into one set-based transaction per flush. Three pitfalls
+of celery-batches are handled here: it acknowledges every message of a flush even when the flush raised
 (so the flush retries in place, and on lasting failure re-queues its events as one batch message before
-returning), and it needs a prefetch at least as large as its batch (so its strategy raises the
-channel's prefetch count when it starts).
+returning); its flush timer dies with the broker connection (so its strategy arms a new one); and it
+needs a prefetch at least as large as its batch (so its strategy raises the channel's prefetch count
+when it starts, or, on RabbitMQ's quorum queues, where a consumer's prefetch is fixed when it
+subscribes, the prefetch the worker subscribes with).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Any
 
 from celery_batches import Batches, SimpleRequest
 
+from worker import broker
 from worker.celery import app
 from worker.config import settings
 from worker.dead_letters import Letter, Rejected
@@ -51,8 +54,18 @@ def _event_id(item: Any) -> str | None:
 class CoalescingBatches(Batches):
     """celery-batches with acknowledgement only after success and a prefetch that lets batches fill."""
 
+    _tref: Any  # celery-batches': the flush timer's entry, or None
+
     def Strategy(self, task: Batches, app: Any, consumer: Any) -> Any:
+        # Called again after every reconnection, on a consumer whose timer Celery emptied: the flush timer
+        # must be armed anew, or only every flush_every-th message would flush (celery-batches 0.11; the
+        # fix, clokep/celery-batches#108, is not released).
+        if self._tref is not None:
+            self._tref.cancel()
+            self._tref = None
         handler = super().Strategy(task, app, consumer)
+        if broker.prefetch_is_static(app, consumer.connection):  # the consumer subscribes after this
+            consumer.initial_prefetch_count = max(consumer.initial_prefetch_count, self.flush_every)
 
         def handle_with_room_to_fill(*args: Any, **kwargs: Any) -> Any:
             qos = consumer.qos  # 0 means unlimited
