@@ -33,6 +33,8 @@ class Settings:
     usage_max_event_seconds: int = 14400
     usage_max_future_seconds: int = 300
     usage_max_lateness_days: int = 35
+    session_grant_seconds: int = 60  # the most one live-session grant runs ahead of the usage reported
+    session_ttl_seconds: int = 120  # a live session silent this long expires
     # Not in the public contract; operational knobs with safe defaults.
     log_level: str = "INFO"
     web_host: str = "127.0.0.1"
@@ -114,6 +116,7 @@ SCHEDULE_DEFAULTS = {  # seconds between runs of each beat job
     "refresh_materialized_views": 600.0,
     "aggregate_usage": 300.0,
     "sweep": 60.0,
+    "expire_sessions": 30.0,  # sessions.expire: a silent session's grant returns within its TTL and this
 }
 
 
@@ -148,6 +151,8 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
         usage_max_event_seconds=_int(environ, "USAGE_MAX_EVENT_SECONDS", base.usage_max_event_seconds, minimum=1),
         usage_max_future_seconds=_int(environ, "USAGE_MAX_FUTURE_SECONDS", base.usage_max_future_seconds),
         usage_max_lateness_days=_int(environ, "USAGE_MAX_LATENESS_DAYS", base.usage_max_lateness_days),
+        session_grant_seconds=_int(environ, "SESSION_GRANT_SECONDS", base.session_grant_seconds, minimum=1),
+        session_ttl_seconds=_int(environ, "SESSION_TTL_SECONDS", base.session_ttl_seconds, minimum=1),
         log_level=log_level,
         web_host=environ.get("WEB_HOST", "").strip() or base.web_host,
         web_port=_int(environ, "PORT", base.web_port, minimum=1),
