@@ -4,13 +4,15 @@ period changes, repeats and reorders."""
 from __future__ import annotations
 
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 
 import psycopg
 import pytest
-from conftest import TEST_ENV, environment, flush_redis, insert_user
+from conftest import TEST_ENV, flush_redis, insert_user
+from test_stripe_sync import new_id, price, stripe_event, subscription, ts
 
-from worker import db, maintenance, metering, quota, sessions
+from worker import db, maintenance, metering, quota, sessions, stripe_sync
 from worker.cache import live_grants_key, redis_client
 
 pytestmark = pytest.mark.usefixtures("committed")
@@ -151,3 +153,209 @@ def test_a_total_cannot_grow_more_than_the_time_allows() -> None:
         beat(session.session_id, -1, at(10))
     assert isinstance(beat(session.session_id, 310, at(10)), sessions.Grant)
     assert ledger(user) == {f"session:{session.session_id}:0": (at(0), 310_000)}  # starts after the last report
+
+
+def test_grants_never_outrun_what_remains_and_usage_beyond_a_grant_is_recorded_and_flagged() -> None:
+    user = make_learner(used_seconds=3540)  # 60 s left
+    first, second = start(user, T0), start(user, T0)
+    assert (first.granted_ms, second.granted_ms) == (60_000, 0)
+    assert beat(second.session_id, 0, at(5)).granted_ms == 0  # nothing left while the first holds it all
+    used = beat(first.session_id, 40, at(40))
+    assert (used.granted_ms, used.remaining_ms) == (20_000, 0)  # 20 s left, all granted again to the first
+    over = beat(first.session_id, 70, at(70))  # 10 s past its grant of 20 s: recorded, flagged
+    assert (over.granted_ms, over.used_ms, over.beyond_grant_ms, over.blocked) == (0, 70_000, 10_000, True)
+    assert session_row(first.session_id)["beyond_grant_ms"] == 10_000
+    assert period_used_ms(user) == 3_610_000
+    closed = end(first.session_id, 71, at(71))
+    assert (closed.recorded_ms, closed.beyond_grant_ms) == (71_000, 11_000)
+    assert sum(ms for _, ms in ledger(user).values()) == 71_000
+    assert held(user) == 0 and beat(second.session_id, 0, at(72)).granted_ms == 0
+
+
+# -- silence -------------------------------------------------------------------------------------------
+
+
+def test_a_silent_session_expires_after_the_ttl_its_grant_returns_and_its_usage_is_recorded_once() -> None:
+    user = make_learner(used_seconds=3540)
+    silent = start(user, T0)
+    beat(silent.session_id, 15, at(15))
+    waiting = start(user, at(16))
+    assert (held(user), waiting.granted_ms) == (45_000, 0)
+
+    assert sessions_expire(at(135)) == 0  # silent 120 s: not longer than the TTL yet
+    assert sessions_expire(at(135.001)) == 1
+    assert session_row(silent.session_id)["state"] == "expired" and held(user) == 0
+    assert beat(waiting.session_id, 0, at(136)).granted_ms == 45_000  # what the silent one held returned
+
+    late = beat(silent.session_id, 20, at(137))  # the app comes back: too late, nothing recorded
+    assert isinstance(late, sessions.Closed) and (late.state, late.recorded_ms) == ("expired", 15_000)
+    final = end(silent.session_id, 20, at(138))  # its final total is recorded, beyond any grant
+    assert (final.state, final.recorded_ms, final.beyond_grant_ms) == ("expired", 20_000, 5_000)
+    assert end(silent.session_id, 20, at(139)) == final
+    assert {key: ms for key, (_, ms) in ledger(user).items()} == {
+        f"session:{silent.session_id}:0": 15_000, f"session:{silent.session_id}:15000": 5_000,
+    }  # fmt: skip
+    assert period_used_ms(user) == 3_560_000
+
+
+def sessions_expire(now: datetime) -> int:
+    with db.transaction() as conn:
+        expired = sessions.expire(conn, now)
+    expired.after_commit()
+    return expired.count
+
+
+def test_the_next_call_meets_a_silent_session_without_waiting_for_the_beat() -> None:
+    user = make_learner(used_seconds=3540)
+    silent = start(user, T0)
+    other = start(user, at(200))  # the silent one ends in this call, before this grant is computed
+    assert other.granted_ms == 60_000
+    assert session_row(silent.session_id)["state"] == "expired"
+    assert beat(silent.session_id, 1, at(201)) == sessions.Closed(silent.session_id, "expired", 0, 0, at(200))
+    own = start(user, at(300))
+    closed = beat(own.session_id, 0, at(421))  # silent 121 s: it meets its own silence
+    assert isinstance(closed, sessions.Closed) and closed.state == "expired"
+
+
+# -- Redis lost ----------------------------------------------------------------------------------------
+
+
+def test_redis_flushed_mid_session_grants_resume_from_postgresql_and_nothing_is_over_granted() -> None:
+    user = make_learner(used_seconds=3540)
+    first, second = start(user, T0), start(user, T0)
+    beat(first.session_id, 10, at(10))  # first: 50 s granted, 10 used, 0 left for the second
+    flush_redis()
+    assert held(user) is None
+    again = beat(second.session_id, 0, at(11))
+    assert again.granted_ms == 0  # rebuilt from the rows: the first still holds the other 50 s
+    assert held(user) == 50_000
+    resumed = beat(first.session_id, 20, at(20))
+    assert (resumed.granted_ms, resumed.beyond_grant_ms) == (40_000, 0)
+    third = start(user, at(21))
+    assert third.granted_ms == 0
+    assert period_used_ms(user) + open_grants_ms(user) <= FREE_LIMIT_MS
+
+
+def test_a_reservation_restored_older_than_postgresql_is_rebuilt_not_trusted() -> None:
+    user = make_learner(used_seconds=3540)
+    first = start(user, T0)
+    snapshot = redis_client().hgetall(live_grants_key(user))
+    beat(first.session_id, 1, at(1))
+    second = start(user, at(2))  # the first holds 59 s; the second gets 0
+    redis_client().delete(live_grants_key(user))
+    redis_client().hset(live_grants_key(user), mapping=snapshot)  # as an old AOF would bring it back
+    assert beat(first.session_id, 1, at(3)).granted_ms == 59_000
+    assert beat(second.session_id, 0, at(4)).granted_ms == 0
+
+
+def test_a_settle_that_never_came_holds_back_more_never_less() -> None:
+    user = make_learner(used_seconds=3540)
+    first = start(user, T0)
+    with db.transaction() as conn:  # committed without its after-commit step: its process died there
+        sessions.heartbeat(conn, first.session_id, 30, at(30))
+    assert held(user) == 60_000  # 30 s used and 30 s granted, still pending
+    assert start(user, at(31)).granted_ms == 0
+    assert beat(first.session_id, 30, at(32)).granted_ms == 30_000
+    assert held(user) == 30_000
+
+
+def test_a_start_that_rolls_back_leaves_no_reservation() -> None:
+    user = make_learner(used_seconds=3540)
+    sessions.rebuild(user, T0)  # what sessions.run does first for a user Redis holds nothing for
+    with pytest.raises(RuntimeError), db.transaction() as conn:
+        result = sessions.start(conn, user, "en", T0)
+        assert held(user) == 60_000
+        result.after_rollback()  # what sessions.run does when the commit fails
+        raise RuntimeError("the commit failed")
+    assert held(user) == 0
+    assert start(user, at(1)).granted_ms == 60_000
+
+
+# -- plan and period changes -------------------------------------------------------------------------------
+
+
+def deliver_stripe(event: dict, now: datetime) -> None:
+    with db.transaction() as conn:
+        stripe_sync.store(conn, event, now)
+        processed = stripe_sync.process(conn, event["id"], now)
+    assert processed.outcome == "applied"
+    processed.after_commit()  # quota.invalidate: the signal the reservations follow
+
+
+def test_an_upgrade_grants_more_at_the_next_heartbeat_and_a_cancellation_to_free_shrinks_the_grants() -> None:
+    user = make_learner(used_seconds=3590)  # 10 s of May left
+    first = start(user, T0)
+    assert first.granted_ms == 10_000
+    subscription_id, customer = new_id("sub"), new_id("cus")
+    paid = subscription(subscription_id, customer, user_id=uuid.UUID(user), price_object=price("price_standard"),
+                        start=datetime(2031, 5, 1, tzinfo=UTC), end=datetime(2031, 6, 1, tzinfo=UTC))  # fmt: skip
+    deliver_stripe(stripe_event("customer.subscription.created", paid, ts(at(1))), at(1))
+    upgraded = beat(first.session_id, 5, at(5))
+    assert (upgraded.granted_ms, upgraded.blocked) == (60_000, False)  # 900 minutes this month
+    second = start(user, at(6))
+    assert second.granted_ms == 60_000
+
+    canceled = subscription(subscription_id, customer, status="canceled", canceled_at=ts(at(10)))
+    deliver_stripe(stripe_event("customer.subscription.deleted", canceled, ts(at(10))), at(10))
+    # Back on the free plan for the rest of the period: 3595 s used of 3600, and 120 s still held. Each
+    # grant shrinks at its session's next call; what they were granted and use meanwhile is recorded.
+    shrunk = beat(first.session_id, 15, at(15))
+    assert (shrunk.granted_ms, shrunk.blocked, shrunk.beyond_grant_ms) == (0, True, 0)
+    assert beat(second.session_id, 9, at(15)).granted_ms == 0
+    assert start(user, at(16)).granted_ms == 0
+    assert quota.check(user, at(17)).reserved_seconds == 0
+
+
+def test_a_reset_mid_session_starts_the_new_periods_grant_and_usage_is_split_at_the_boundary() -> None:
+    may_end = datetime(2031, 6, 1, tzinfo=UTC)
+    user = make_learner(used_seconds=3000)  # 600 s of May left
+    talking = start(user, may_end - timedelta(seconds=30))
+    with db.transaction() as conn:
+        maintenance.reset_monthly_usage(conn, may_end + timedelta(seconds=5))
+    across = beat(talking.session_id, 40, may_end + timedelta(seconds=10))  # 30 s in May, 10 s in June
+    assert (across.granted_ms, across.remaining_ms) == (60_000, FREE_LIMIT_MS - 10_000 - 60_000)
+    assert period_used_ms(user, may_end - timedelta(seconds=1)) == 3_030_000
+    assert period_used_ms(user, may_end) == 10_000
+
+    exhausted = make_learner(used_seconds=3590)
+    stopped = start(exhausted, may_end - timedelta(seconds=20))
+    cut = beat(stopped.session_id, 10, may_end - timedelta(seconds=10))
+    assert (cut.granted_ms, cut.blocked) == (0, True)  # the app stops the microphone here
+    june = beat(stopped.session_id, 10, may_end + timedelta(seconds=1))  # the period turned: a fresh grant
+    assert (june.granted_ms, june.blocked) == (60_000, False)
+    with db.transaction() as conn:
+        maintenance.reset_monthly_usage(conn, may_end + timedelta(seconds=2))
+    assert beat(stopped.session_id, 40, may_end + timedelta(seconds=31)).granted_ms == 60_000
+    assert period_used_ms(exhausted, may_end) == 30_000
+
+
+# -- repeats and reorders --------------------------------------------------------------------------------
+
+
+def test_heartbeats_and_ends_repeated_retried_and_reordered_are_exact() -> None:
+    user = make_learner()
+    session = start(user, T0).session_id
+    first = beat(session, 10, at(10))
+    assert beat(session, 10, at(10)) == first  # a retry after a lost answer: the same answer
+    assert beat(session, 20, at(20)).used_ms == 20_000
+    late = beat(session, 15, at(21))  # an older total arriving after a newer one
+    assert (late.used_ms, late.granted_ms, late.expires_at) == (20_000, 60_000, at(140))
+    closed = end(session, 30, at(30))
+    assert end(session, 30, at(31)) == closed
+    assert end(session, 25, at(32)) == closed
+    assert beat(session, 30, at(33)) == closed
+    assert {key: ms for key, (_, ms) in ledger(user).items()} == {
+        f"session:{session}:0": 10_000, f"session:{session}:10000": 10_000, f"session:{session}:20000": 10_000,
+    }  # fmt: skip
+    assert period_used_ms(user) == 30_000
+
+
+def test_the_same_heartbeat_sent_at_once_from_many_threads_is_recorded_once() -> None:
+    user = make_learner()
+    session = start(user, T0).session_id
+    with ThreadPoolExecutor(8) as pool:
+        for step in range(1, 6):
+            answers = list(pool.map(lambda _: beat(session, 7 * step, at(10 * step)), range(8)))
+            assert {answer.used_ms for answer in answers} == {7_000 * step}
+    assert sum(ms for _, ms in ledger(user).values()) == 35_000
+    assert period_used_ms(user) == 35_000
