@@ -70,9 +70,9 @@ class Quota:
         return cls(
             user_id=user_id,
             plan=plan,
-            limit_seconds=_seconds(limit_ms),
-            used_seconds=_seconds(used_ms),
-            remaining_seconds=_seconds(max(limit_ms - used_ms, 0)),
+            limit_seconds=seconds(limit_ms),
+            used_seconds=seconds(used_ms),
+            remaining_seconds=seconds(max(limit_ms - used_ms, 0)),
             blocked=used_ms >= limit_ms,
             period_start=_utc_iso(start),
             period_end=_utc_iso(end),
@@ -85,7 +85,7 @@ class Quota:
     def reserving(self, reserved_ms: int) -> Quota:
         """This answer with `reserved_ms` held by live sessions, which are then not remaining."""
         remaining_ms = round(self.limit_seconds * 1000) - round(self.used_seconds * 1000) - reserved_ms
-        return replace(self, reserved_seconds=_seconds(reserved_ms), remaining_seconds=_seconds(max(remaining_ms, 0)))
+        return replace(self, reserved_seconds=seconds(reserved_ms), remaining_seconds=seconds(max(remaining_ms, 0)))
 
     @property
     def ends_at(self) -> datetime:
@@ -102,7 +102,7 @@ def _utc_iso(moment: datetime) -> str:
     return moment.astimezone(UTC).isoformat()
 
 
-def _seconds(ms: int) -> float:
+def seconds(ms: int) -> float:
     """Milliseconds as seconds; whole seconds stay integers in JSON."""
     return ms // 1000 if ms % 1000 == 0 else ms / 1000
 
@@ -152,7 +152,7 @@ def usage_of(conn: Connection, user_id: str, now: datetime) -> sa.Row | None:
 
 
 _RESERVED = sa.text(
-    "SELECT COALESCE(sum(granted_ms), 0) FROM live_sessions WHERE user_id = :user_id AND state = 'open'"
+    "SELECT COALESCE(sum(granted_ms), 0)::bigint FROM live_sessions WHERE user_id = :user_id AND state = 'open'"
 )
 
 

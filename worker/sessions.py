@@ -154,6 +154,9 @@ class Result:
             callback()
 
 
+Call = Callable[[Connection], Result]  # one of the calls below with its arguments bound
+
+
 # -- the reservation in Redis ------------------------------------------------------------------------------
 #
 # Hash fields: epoch, period (start, epoch ms), limit, used, held (ms); per session g:<id> (its grant) and,
@@ -776,7 +779,7 @@ def list_open(conn: Connection, now: datetime, limit: int = 1000) -> list[OpenSe
 # -- running a call ----------------------------------------------------------------------------------------
 
 
-def run(call: Callable[[Connection], Result]) -> Grant | Closed:
+def run(call: Call) -> Grant | Closed:
     """Run a call in its own transaction and its after-commit work once it committed. When Redis lost the
     user's reservation, it is rebuilt and the call runs again; likewise when the user's period moved."""
     for _ in range(MAX_ATTEMPTS - 1):
@@ -789,7 +792,7 @@ def run(call: Callable[[Connection], Result]) -> Grant | Closed:
     return _once(call)
 
 
-def _once(call: Callable[[Connection], Result]) -> Grant | Closed:
+def _once(call: Call) -> Grant | Closed:
     result = None
     try:
         with db.transaction() as conn:
