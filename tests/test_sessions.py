@@ -147,7 +147,7 @@ def test_an_unknown_user_or_session_and_bad_labels_are_refused() -> None:
 def test_a_total_cannot_grow_more_than_the_time_allows() -> None:
     user = make_learner()
     session = start(user, T0)
-    with pytest.raises(sessions.BadInput, match="more than the 10.0 s since the session's last report ended"):
+    with pytest.raises(sessions.BadInput, match=r"more than the 10\.0 s since the session's last report ended"):
         beat(session.session_id, 311, at(10))  # 300 s of clock disagreement allowed, not 301
     with pytest.raises(sessions.BadInput, match="used_seconds must be a finite number >= 0"):
         beat(session.session_id, -1, at(10))
@@ -355,7 +355,7 @@ def test_the_same_heartbeat_sent_at_once_from_many_threads_is_recorded_once() ->
     session = start(user, T0).session_id
     with ThreadPoolExecutor(8) as pool:
         for step in range(1, 6):
-            answers = list(pool.map(lambda _: beat(session, 7 * step, at(10 * step)), range(8)))
+            answers = list(pool.map(beat, [session] * 8, [7 * step] * 8, [at(10 * step)] * 8))
             assert {answer.used_ms for answer in answers} == {7_000 * step}
     assert sum(ms for _, ms in ledger(user).values()) == 35_000
     assert period_used_ms(user) == 35_000

@@ -40,6 +40,13 @@ def redis_transport_options(visibility_timeout: int) -> dict[str, int]:
     }
 
 
+SCHEDULED_ELSEWHERE = {"expire_sessions": "sessions.expire"}  # beat jobs whose task is not maintenance.<job>
+
+
+def scheduled_task(job: str) -> str:
+    return SCHEDULED_ELSEWHERE.get(job, f"maintenance.{job}")
+
+
 def create_app() -> Celery:
     config = settings()
     app = Celery("worldspeak", include=TASK_MODULES)
@@ -67,6 +74,7 @@ def create_app() -> Celery:
             "metering.*": {"queue": "usage"},
             "stripe.*": {"queue": "stripe"},
             "maintenance.*": {"queue": "maintenance"},
+            "sessions.*": {"queue": "maintenance"},
         },
         worker_hijack_root_logger=False,
         timezone="UTC",
@@ -81,7 +89,7 @@ def create_app() -> Celery:
         # A run not started within its interval is dropped (the next one is due anyway), so jobs do not
         # pile up in the queue while the workers are down.
         beat_schedule={
-            f"maintenance.{job}": {"task": f"maintenance.{job}", "schedule": interval, "options": {"expires": interval}}
+            scheduled_task(job): {"task": scheduled_task(job), "schedule": interval, "options": {"expires": interval}}
             for job, interval in config.schedule.items()
         },
     )

@@ -1,5 +1,5 @@
 """Periodic jobs: monthly resets, partitions ahead, the statistics view, usage rolled into learning progress,
-the Stripe inbox sweep; and the runner they all go through.
+the Stripe inbox sweep, the end of silent live sessions; and the runner they all go through.
 
 The runner (`run_job`) gives each job one transaction that starts with the job's transaction-level advisory
 lock, so two beats, a manual run and a late run never do one job's work at the same time; the lock ends
@@ -29,7 +29,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.engine import Connection
 
-from worker import db, periods, quota, stripe_sync
+from worker import db, periods, quota, sessions, stripe_sync
 from worker.logs import get_logger
 from worker.tables import maintenance_runs
 from worker.tasks.base import utcnow
@@ -548,4 +548,17 @@ def run_sweep(now: datetime) -> JobRun[stripe_sync.SweepResult]:
     )
     if run.ran:
         stripe_sync.enqueue(run.result.requeue)
+    return run
+
+
+# -- sessions.expire -------------------------------------------------------------------------------------
+
+
+def run_expire_sessions(now: datetime) -> JobRun[sessions.Expired]:
+    """sessions.expire in the job's transaction; the grants of the sessions it ended return once committed."""
+    run = run_job(
+        "expire_sessions", lambda conn: sessions.expire(conn, now), lambda expired: {"expired": expired.count}
+    )
+    if run.ran:
+        run.result.after_commit()
     return run

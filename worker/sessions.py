@@ -174,7 +174,7 @@ end
 local function drop(key, sid)
   local worth = entry(key, sid)
   if worth then
-    redis.call('HINCRBY', key, 'held', -worth)
+    redis.call('HINCRBY', key, 'held', 0 - worth)  -- not -worth: Redis refuses the -0 that makes
     redis.call('HDEL', key, 'g:' .. sid, 'p:' .. sid)
   end
 end
