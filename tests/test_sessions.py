@@ -10,10 +10,12 @@ from datetime import UTC, datetime, timedelta
 import psycopg
 import pytest
 from conftest import TEST_ENV, flush_redis, insert_user
+from freezegun import freeze_time
 from test_stripe_sync import new_id, price, stripe_event, subscription, ts
 
-from worker import db, maintenance, metering, quota, sessions, stripe_sync
+from worker import app, cli, db, maintenance, metering, quota, sessions, stripe_sync
 from worker.cache import live_grants_key, redis_client
+from worker.tasks.maintenance import expire_sessions
 
 pytestmark = pytest.mark.usefixtures("committed")
 
@@ -359,3 +361,46 @@ def test_the_same_heartbeat_sent_at_once_from_many_threads_is_recorded_once() ->
             assert {answer.used_ms for answer in answers} == {7_000 * step}
     assert sum(ms for _, ms in ledger(user).values()) == 35_000
     assert period_used_ms(user) == 35_000
+
+
+# -- the beat job and the command line -----------------------------------------------------------------------
+
+
+def test_sessions_expire_runs_on_the_beat_in_the_maintenance_queue() -> None:
+    assert app.conf.beat_schedule["sessions.expire"] == {
+        "task": "sessions.expire", "schedule": 30.0, "options": {"expires": 30.0}
+    }  # fmt: skip
+    assert app.amqp.router.route({}, "sessions.expire")["queue"].name == "maintenance"
+
+
+def test_the_sessions_expire_task_ends_silent_sessions_and_records_its_run() -> None:
+    user = make_learner()
+    silent, talking = start(user, T0).session_id, start(user, T0).session_id
+    beat(talking, 1, at(100))
+    assert expire_sessions(now=at(121).isoformat()) == {"job": "expire_sessions", "ran": True, "expired": 1}
+    with freeze_time(at(221)):  # now=None: the worker's clock
+        assert expire_sessions() == {"job": "expire_sessions", "ran": True, "expired": 1}
+    assert [session_row(s)["state"] for s in (silent, talking)] == ["expired", "expired"]
+    assert query("SELECT last_succeeded_at FROM maintenance_runs WHERE job = 'expire_sessions'") == [(at(221),)]
+    assert held(user) == 0
+    with pytest.raises(ValueError, match="now must be an ISO-8601 time with a UTC offset"):
+        expire_sessions(now="2031-05-10 12:00")
+
+
+def test_sessions_list_shows_the_open_sessions_and_their_grants(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["sessions", "list"]) == 0
+    assert capsys.readouterr().out == "no open live sessions\n"
+    user = make_learner(used_seconds=3590)
+    talking = start(user, T0).session_id
+    beat(talking, 4.5, at(5))
+    quiet = start(user, at(6)).session_id
+    with freeze_time(at(200)):
+        assert cli.main(["sessions", "list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["session_id", "user_id", "lang", "started_at", "last", "report", "used", "s",
+                                "granted", "s", "beyond", "s"]  # fmt: skip
+    rows = {line.split()[0]: line.split() for line in lines[1:-1]}
+    assert rows[talking][1:8] == [user, "en", "2031-05-10T12:00:00Z", "2031-05-10T12:00:05Z", "4.500", "5.500", "0.000"]
+    assert rows[quiet][5:8] == ["0.000", "0.000", "0.000"]
+    assert lines[-1] == "2 open sessions of 1 users"
+    assert "silent: expires at the next sessions.expire" in " ".join(rows[talking])
