@@ -404,3 +404,16 @@ def test_sessions_list_shows_the_open_sessions_and_their_grants(capsys: pytest.C
     assert rows[quiet][5:8] == ["0.000", "0.000", "0.000"]
     assert lines[-1] == "2 open sessions of 1 users"
     assert "silent: expires at the next sessions.expire" in " ".join(rows[talking])
+
+
+def test_a_call_that_read_the_usage_before_another_sessions_report_committed_grants_no_more(monkeypatch) -> None:
+    user = make_learner(used_seconds=3540)
+    talking, waiting = start(user, T0), start(user, T0)  # 60 s and 0 s
+    with db.engine().connect() as conn:
+        before = quota.usage_of(conn, user, at(29))  # what a slow call read before the report below committed
+    beat(talking.session_id, 30, at(30))  # 30 s used, 30 s granted again
+    monkeypatch.setattr(quota, "usage_of", lambda conn, user_id, now: before)
+    late = beat(waiting.session_id, 0, at(31))
+    assert late.granted_ms == 0  # the reservation knows the 30 s used even though this call did not
+    monkeypatch.undo()
+    assert period_used_ms(user) + open_grants_ms(user) == FREE_LIMIT_MS

@@ -364,6 +364,30 @@ def _is_silent(row: Any, now: datetime) -> bool:
 
 
 @dataclass(frozen=True)
+class _PeriodUse:
+    """The user's period at the call's `now`: its limit, its usage committed before the call, and what the
+    call's own report adds to it."""
+
+    start_ms: int
+    limit_ms: int
+    used_ms: int
+    own_ms: int
+
+    @property
+    def after_ms(self) -> int:
+        return self.used_ms + self.own_ms
+
+
+def _period_use(conn: Connection, user_id: str, now: datetime, usage: _Usage | None = None) -> _PeriodUse | None:
+    period = quota.usage_of(conn, user_id, now)
+    if period is None:
+        return None
+    start_ms, end_ms = _ms(period.period_start), _ms(period.period_end)
+    own = max(0, min(usage.end_ms, end_ms) - max(usage.start_ms, start_ms)) if usage else 0
+    return _PeriodUse(start_ms, period.limit_ms, period.used_ms, own)
+
+
+@dataclass(frozen=True)
 class _Reserved:
     grant_ms: int
     others_ms: int
@@ -372,19 +396,12 @@ class _Reserved:
 
 
 def _reserve(
-    user_id: str,
-    session_id: str,
-    mode: str,
-    usage: Any,
-    own_ms: int,
-    previous_ms: int,
-    neighbours: _Neighbours,
-    now: datetime,
+    user_id: str, session_id: str, mode: str, use: _PeriodUse, previous_ms: int, neighbours: _Neighbours, now: datetime
 ) -> _Reserved:
     token = uuid.uuid4().hex
-    args = [session_id, token, mode, _ms(usage.period_start), usage.limit_ms, usage.used_ms - own_ms, own_ms,
-            previous_ms, settings().session_grant_seconds * 1000, _hash_ttl(), len(neighbours.closed),
-            *neighbours.closed, *neighbours.expired]  # fmt: skip
+    args = [session_id, token, mode, use.start_ms, use.limit_ms, use.used_ms, use.own_ms, previous_ms,
+            settings().session_grant_seconds * 1000, _hash_ttl(), len(neighbours.closed), *neighbours.closed,
+            *neighbours.expired]  # fmt: skip
     answer = _script(_RESERVE)(keys=[live_grants_key(user_id)], args=args)
     if answer[0] == "rebuild":
         raise ReservationLost(user_id, now)
@@ -393,8 +410,10 @@ def _reserve(
     return _Reserved(int(answer[1]), int(answer[2]), answer[3], token)
 
 
-def _settle(user_id: str, session_id: str, reserved: _Reserved, usage: Any, closed: bool, expired: list[str]) -> None:
-    args = [session_id, reserved.token, reserved.epoch, _ms(usage.period_start), usage.used_ms, int(closed), *expired]
+def _settle(
+    user_id: str, session_id: str, reserved: _Reserved, use: _PeriodUse, closed: bool, expired: list[str]
+) -> None:
+    args = [session_id, reserved.token, reserved.epoch, use.start_ms, use.after_ms, int(closed), *expired]
     try:
         _script(_SETTLE)(keys=[live_grants_key(user_id)], args=args)
     except redis.RedisError as exc:  # the pending entry stays: it holds back more than needed, never less
@@ -492,15 +511,9 @@ def _usage_events(row: Any, growth_ms: int, now: datetime) -> _Usage:
 
 def _record(conn: Connection, usage: _Usage, now: datetime, callbacks: list[Callable[[], None]]) -> None:
     outcome = metering.apply_events(conn, usage.events, now, dead_letter=False)
-    if outcome.rejected:  # a session's language or feature is checked at its start: this is no client's doing
-        raise Rejected(f"usage of a live session was refused: {outcome.rejected[0].reason}")
+    if outcome.rejected:  # e.g. a total that an app ends with long after its session's last report
+        raise BadInput(f"the session's usage cannot be recorded: {outcome.rejected[0].reason}")
     callbacks.append(lambda: quota.publish(outcome.quotas.values()))
-
-
-def _own_in_period(usage: _Usage | None, period: Any) -> int:
-    if usage is None:
-        return 0
-    return max(0, min(usage.end_ms, _ms(period.period_end)) - max(usage.start_ms, _ms(period.period_start)))
 
 
 # -- the calls ---------------------------------------------------------------------------------------------
@@ -540,12 +553,12 @@ def start(
     user_id = _check_labels(user_id, language, conversation_id, feature, now)
     conversation_id = str(uuid.UUID(conversation_id)) if conversation_id is not None else None
     _begin(conn, user_id)
-    usage = quota.usage_of(conn, user_id, now)
-    if usage is None:
+    use = _period_use(conn, user_id, now)
+    if use is None:
         raise quota.UnknownUser(f"no user with id {user_id}")
     neighbours = _neighbours(conn, user_id, None, now)
     session_id = str(uuid.uuid4())
-    reserved = _reserve(user_id, session_id, "start", usage, 0, 0, neighbours, now)
+    reserved = _reserve(user_id, session_id, "start", use, 0, neighbours, now)
     try:
         conn.execute(
             _INSERT,
@@ -555,23 +568,23 @@ def start(
     except Exception:
         _release(user_id, [session_id], reserved.token)
         raise
-    answer = _grant(session_id, reserved, usage, 0, 0, now)
+    answer = _grant(session_id, reserved, use, 0, 0, now)
     log.info("live_session_started", user_id=user_id, session_id=session_id, granted_ms=reserved.grant_ms)
     return Result(
         answer,
-        [lambda: _settle(user_id, session_id, reserved, usage, False, neighbours.expired)],
+        [lambda: _settle(user_id, session_id, reserved, use, False, neighbours.expired)],
         [lambda: _release(user_id, [session_id], reserved.token)],  # no such session: its reservation goes
     )
 
 
-def _grant(session_id: str, reserved: _Reserved, usage: Any, used_ms: int, beyond_ms: int, now: datetime) -> Grant:
-    remaining = usage.limit_ms - usage.used_ms - reserved.others_ms - reserved.grant_ms
+def _grant(session_id: str, reserved: _Reserved, use: _PeriodUse, used_ms: int, beyond_ms: int, now: datetime) -> Grant:
+    remaining = use.limit_ms - use.after_ms - reserved.others_ms - reserved.grant_ms
     return Grant(
         session_id=session_id,
         granted_ms=reserved.grant_ms,
         expires_at=now + timedelta(seconds=settings().session_ttl_seconds),
         remaining_ms=max(remaining, 0),
-        blocked=usage.used_ms >= usage.limit_ms,
+        blocked=use.after_ms >= use.limit_ms,
         used_ms=used_ms,
         beyond_grant_ms=beyond_ms,
     )
@@ -606,7 +619,10 @@ def _locked_session(conn: Connection, session_id: str) -> Any:
     if user_id is None:
         raise UnknownSession(f"no session with id {session_id}")
     _begin(conn, user_id)
-    return conn.execute(_LOCK_SESSION, {"session_id": session_id}).one()
+    row = conn.execute(_LOCK_SESSION, {"session_id": session_id}).first()
+    if row is None:  # its user was deleted meanwhile, and with them their sessions
+        raise UnknownSession(f"no session with id {session_id}")
+    return row
 
 
 _REPORT = sa.text(
@@ -661,17 +677,17 @@ def end(conn: Connection, session_id: str, used_seconds: Any, now: datetime) -> 
 def _report(
     conn: Connection, row: Any, reported: int, now: datetime, callbacks: list[Callable[[], None]], closing: bool
 ) -> Result:
-    """Record an open session's growth (if any), then grant again, or close it."""
+    """Grant again (or close), then record the session's growth, if any. The reservation is made before the
+    usage is written, so the call holds only its session row (not the user's usage rows, which metering
+    batches write too) while it waits for Redis."""
     growth = max(reported - row.reported_ms, 0)
     reported = row.reported_ms + growth
     usage = _usage_events(row, growth, now) if growth else None
     neighbours = _neighbours(conn, row.user_id, row.session_id, now)
+    use = _period_use(conn, row.user_id, now, usage)
+    reserved = _reserve(row.user_id, row.session_id, "end" if closing else "beat", use, row.granted_ms, neighbours, now)
     if usage is not None:
         _record(conn, usage, now, callbacks)
-    period = quota.usage_of(conn, row.user_id, now)
-    mode = "end" if closing else "beat"
-    own = _own_in_period(usage, period)
-    reserved = _reserve(row.user_id, row.session_id, mode, period, own, row.granted_ms, neighbours, now)
     beyond = row.beyond_grant_ms + max(growth - row.granted_ms, 0)
     recorded_until = metering.to_datetime(usage.end_ms) if usage else row.recorded_until
     conn.execute(_REPORT, {"session_id": row.session_id, "now": now, "reported_ms": reported,
@@ -679,12 +695,12 @@ def _report(
                            "beyond_grant_ms": beyond})  # fmt: skip
     if beyond > row.beyond_grant_ms:
         log.warning("live_session_beyond_grant", session_id=row.session_id, beyond_grant_ms=beyond)
-    callbacks.append(lambda: _settle(row.user_id, row.session_id, reserved, period, closing, neighbours.expired))
+    callbacks.append(lambda: _settle(row.user_id, row.session_id, reserved, use, closing, neighbours.expired))
     if closing:
         closed = conn.execute(_CLOSE, {"session_id": row.session_id, "state": "ended", "now": now}).one()
         log.info("live_session_ended", user_id=row.user_id, session_id=row.session_id, recorded_ms=reported)
         return Result(_closed(closed), callbacks)
-    return Result(_grant(row.session_id, reserved, period, reported, beyond, now), callbacks)
+    return Result(_grant(row.session_id, reserved, use, reported, beyond, now), callbacks)
 
 
 def _current(conn: Connection, row: Any, now: datetime) -> Grant:
