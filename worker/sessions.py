@@ -24,22 +24,25 @@ holds); HELD is their sum. One Lua script (RESERVE) decides every grant atomical
 
     grant = clamp(min(SESSION_GRANT_SECONDS, limit − used − own − others), 0)
 
-where `own` is the part of this call's new usage in the period and `others` what the user's other sessions
-hold. PostgreSQL is the truth: each session row holds its committed grant, and the hash is rebuilt from the
-rows when Redis loses it. Why the two never let a user be granted more than remains:
+where `own` is the part of this call's new usage in the period (RESERVE runs before the call writes it) and
+`others` what the user's other sessions hold. PostgreSQL is the truth: each session row holds its committed
+grant, and the hash is rebuilt from the rows when Redis loses it. Why the two never let a user be granted
+more than remains:
 
-1. Usage read by a call may be stale (another session's report committed just after the read). `used` in
-   Redis only ever takes the maximum of what calls read (usage only grows within a period), and a call's
-   new usage sits in its own entry until that usage is committed and `used` has absorbed it. So at every
-   moment Redis counts every committed second of session usage in `used` or in an entry, and every
+1. The usage a call reads may be stale (another session's report committed just after the read). `used`
+   in Redis only ever takes the maximum of what calls read (usage only grows within a period), and a
+   call's new usage sits in its own entry until that usage is committed and `used` has absorbed it. So at
+   every moment Redis counts every committed second of session usage in `used` or in an entry, and every
    granted second in an entry.
 2. The window between RESERVE and the commit. RESERVE writes the entry as pending, worth
-   max(own + grant, previous grant): enough if the transaction commits (own usage and the new grant) and
-   if it rolls back (the grant the app still holds). After the commit, SETTLE (a compare-and-set on the
-   call's token) brings the entry down to the grant and raises `used`. A lost SETTLE (the process died)
-   leaves the larger pending value: conservative, and replaced at the session's next call. A start that
-   rolls back has its reservation removed again (best effort: a process killed at that instant leaves it
-   behind until the user's next rebuild; it only ever holds back, never over-grants).
+   max(own + grant, previous grant) (an end grants 0): enough if the transaction commits (its usage and
+   the new grant) and if it rolls back (the grant the app still holds). After the commit, SETTLE (a
+   compare-and-set on the call's token) brings the entry down to the grant and raises `used` by the
+   usage. A lost SETTLE (the process died) leaves the larger pending value: conservative, and replaced at
+   the session's next call; a closed session's entry goes at the user's next call, which drops the
+   entries of sessions closed lately. A start that rolls back has its reservation removed again (best
+   effort: a process killed at that instant leaves it behind until the user's next rebuild; it only ever
+   holds back, never over-grants).
 3. Redis flushed or restarted. Every call holds a shared per-user advisory lock in PostgreSQL from before
    RESERVE until its commit; a rebuild takes it exclusively, so it waits for calls in flight to commit or
    roll back and reads only settled truth: the committed grants of the open sessions and the usage of
@@ -56,9 +59,16 @@ rows when Redis loses it. Why the two never let a user be granted more than rema
    entries carried over: what sessions were granted before the boundary may be used after it. A call that
    read an earlier period than the hash holds runs again.
 
-Usage sent as ordinary events while sessions are open is not reserved for; it reaches `used` at the next
-call. Every wait is bounded (lock_timeout); no lock is held across a network call other than the
-in-transaction Redis scripts, which are single round trips with a 2 s socket timeout.
+Limits of the argument: usage sent as ordinary events while sessions are open is not reserved for (it
+reaches `used` at the next call), and a Redis restored from an older state is caught only session by
+session, at each session's next call. A start repeated after a lost answer opens a second session, whose
+grant returns after the TTL.
+
+Locks: a call takes the user's advisory lock (shared), then its session row, with every wait bounded by
+lock_timeout. RESERVE, one Redis round trip (2 s socket timeout), runs while the call holds that row: the
+price of reserving before committing; it comes before the usage is written, so the user's usage rows
+(which metering batches also lock) are not held meanwhile. A Redis that does not answer fails the call,
+which rolls back (HTTP 503).
 
 All functions take a connection and an explicit `now` and return a result whose `after_commit()` must run
 once the transaction commits; `run` does both, rebuilding and retrying when Redis lost the reservation.
