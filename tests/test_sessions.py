@@ -259,6 +259,10 @@ def test_a_settle_that_never_came_holds_back_more_never_less() -> None:
     assert start(user, at(31)).granted_ms == 0
     assert beat(first.session_id, 30, at(32)).granted_ms == 30_000
     assert held(user) == 30_000
+    with db.transaction() as conn:  # an end whose release never came
+        sessions.end(conn, first.session_id, 30, at(33))
+    assert held(user) == 30_000
+    assert start(user, at(34)).granted_ms == 30_000  # the user's next call drops what closed sessions held
 
 
 def test_a_start_that_rolls_back_leaves_no_reservation() -> None:

@@ -175,8 +175,8 @@ def cmd_sessions(args: argparse.Namespace) -> int:
             f" {session.beyond_grant_ms / 1000:>9.3f}{silent}"
         )
     users = len({session.user_id for session in open_sessions})
-    print(f"{len(open_sessions)} open sessions of {users} users" + (" (limit reached)" if len(open_sessions) ==
-          args.limit else ""))  # fmt: skip
+    more = f" (the first {args.limit}: --limit shows more)" if len(open_sessions) == args.limit else ""
+    print(f"{len(open_sessions)} open sessions of {users} users{more}")
     return 0
 
 
@@ -225,11 +225,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_dead_letters(commands)
     _add_rebuild_usage(commands)
     _add_demo(commands)
-    live = commands.add_parser("sessions", help="live sessions").add_subparsers(dest="action", required=True,
-                                                                                metavar="ACTION")  # fmt: skip
-    live.add_parser("list", help="open sessions and their grants").add_argument(
-        "--limit", type=int, default=1000, help="at most this many (default 1000)"
-    )
+    live = commands.add_parser("sessions", help="live sessions")
+    actions = live.add_subparsers(dest="action", required=True, metavar="ACTION")
+    listing = actions.add_parser("list", help="open sessions and their grants")
+    listing.add_argument("--limit", type=int, default=1000, help="at most this many (default 1000)")
     commands.add_parser(
         "reset-due", help="archive every period that has ended and start the next (maintenance.reset_monthly_usage)"
     ).add_argument("--now", type=_moment, help="RFC 3339 time or date (UTC) to reset for (default: now)")

@@ -253,9 +253,7 @@ async def _session_body(request: Request, model: type[msgspec.Struct]) -> msgspe
 async def _run_session_call(call: sessions.Call, route: str) -> sessions.Grant | sessions.Closed | Response:
     try:
         return await asyncio.to_thread(sessions.run, call)
-    except quota.UnknownUser as exc:
-        return _error(404, str(exc))
-    except sessions.UnknownSession as exc:
+    except (quota.UnknownUser, sessions.UnknownSession) as exc:
         return _error(404, str(exc))
     except sessions.BadInput as exc:
         return _error(400, exc.reason)
@@ -284,9 +282,9 @@ def _session_id(request: Request) -> str | Response:
 
 
 async def heartbeat(request: Request) -> Response:
+    body = await _session_body(request, models.SessionReport)  # the token is checked first
     session_id = _session_id(request)
-    body = await _session_body(request, models.SessionReport)
-    for refused in (session_id, body):
+    for refused in (body, session_id):
         if isinstance(refused, Response):
             return refused
     now = utcnow()
@@ -301,9 +299,9 @@ async def heartbeat(request: Request) -> Response:
 
 
 async def end_session(request: Request) -> Response:
+    body = await _session_body(request, models.SessionReport)  # the token is checked first
     session_id = _session_id(request)
-    body = await _session_body(request, models.SessionReport)
-    for refused in (session_id, body):
+    for refused in (body, session_id):
         if isinstance(refused, Response):
             return refused
     now = utcnow()
