@@ -19,7 +19,7 @@ from psycopg.types.json import Jsonb
 from test_periods import archived_counts, december_learners, use, utc
 
 from worker import cli, db, maintenance, metering, quota, stripe_sync
-from worker.celery_app import app, create_app
+from worker.celery_app import app, create_app, scheduled_task
 from worker.config import SCHEDULE_DEFAULTS
 from worker.tasks import maintenance as tasks
 
@@ -455,9 +455,9 @@ def test_the_beat_schedule_runs_every_job_on_the_maintenance_queue() -> None:
     app.loader.import_default_modules()
     schedule = app.conf.beat_schedule
 
-    assert {entry["task"] for entry in schedule.values()} == {f"maintenance.{job}" for job in JOBS}
+    assert {entry["task"] for entry in schedule.values()} == {scheduled_task(job) for job in JOBS}
     for job, interval in SCHEDULE_DEFAULTS.items():
-        entry = schedule[f"maintenance.{job}"]
+        entry = schedule[scheduled_task(job)]
         assert entry["task"] in app.tasks
         assert app.amqp.router.route({}, entry["task"])["queue"].name == "maintenance"
         assert entry["schedule"] == interval and entry["options"]["expires"] == interval
@@ -470,7 +470,7 @@ def test_every_jobs_interval_comes_from_its_variable() -> None:
     with environment(**variables):
         schedule = create_app().conf.beat_schedule
     assert {entry["task"]: entry["schedule"] for entry in schedule.values()} == {
-        f"maintenance.{job}": 10.0 + n for n, job in enumerate(sorted(JOBS))
+        scheduled_task(job): 10.0 + n for n, job in enumerate(sorted(JOBS))
     }
 
 
@@ -482,7 +482,7 @@ def test_a_second_beat_cannot_take_the_schedulers_lock(committed: None) -> None:
     try:
         client = get_redis(app)
         assert not client.lock(first.lock_key, timeout=first.lock_timeout).acquire(blocking=False)
-        assert all(client.exists(f"redbeat:maintenance.{job}") for job in JOBS)
+        assert all(client.exists(f"redbeat:{scheduled_task(job)}") for job in JOBS)
     finally:
         first.lock.release()
 

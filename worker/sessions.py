@@ -331,8 +331,9 @@ _EXPIRE_SILENT_OF_USER = sa.text(
     )
     SELECT session_id::text, true AS now_expired FROM expired
     UNION ALL
-    SELECT session_id::text, false FROM live_sessions
-    WHERE user_id = :user_id AND state <> 'open' AND ended_at >= :closed_since
+    (SELECT session_id::text, false FROM live_sessions
+     WHERE user_id = :user_id AND state <> 'open' AND ended_at >= :closed_since
+     ORDER BY ended_at DESC LIMIT 100)
     """
 )
 
@@ -350,6 +351,9 @@ class _Neighbours:
 
 
 def _neighbours(conn: Connection, user_id: str, session_id: str | None, now: datetime) -> _Neighbours:
+    """Read before the call reads the usage: RESERVE drops the entries of the sessions closed lately, and an
+    entry still pending holds the closed session's last usage, which `used` must then already have (the
+    usage read after it includes what every session closed before it recorded)."""
     config = settings()
     rows = conn.execute(
         _EXPIRE_SILENT_OF_USER,
@@ -563,10 +567,10 @@ def start(
     user_id = _check_labels(user_id, language, conversation_id, feature, now)
     conversation_id = str(uuid.UUID(conversation_id)) if conversation_id is not None else None
     _begin(conn, user_id)
+    neighbours = _neighbours(conn, user_id, None, now)
     use = _period_use(conn, user_id, now)
     if use is None:
         raise quota.UnknownUser(f"no user with id {user_id}")
-    neighbours = _neighbours(conn, user_id, None, now)
     session_id = str(uuid.uuid4())
     reserved = _reserve(user_id, session_id, "start", use, 0, neighbours, now)
     try:
