@@ -927,6 +927,34 @@ CREATE TABLE IF NOT EXISTS maintenance_runs (
     last_error TEXT
 );
 
+-- Live sessions (worker/sessions.py): a conversation that asks for microphone time before it is used.
+-- The truth of every grant: Redis holds the atomic reservation of each user's open sessions, and when
+-- Redis loses it, it is rebuilt from these rows. Reported usage goes through the metering path as
+-- ordinary usage events (`session:<id>:<offset ms>`), in the transaction that updates the row.
+CREATE TABLE IF NOT EXISTS live_sessions (
+    session_id UUID PRIMARY KEY,
+    user_id UUID NOT NULL REFERENCES profiles (id) ON DELETE CASCADE,
+    language TEXT NOT NULL,
+    conversation_id UUID,                           -- copied onto the session's usage events
+    feature TEXT,
+    state TEXT NOT NULL DEFAULT 'open' CHECK (state IN ('open', 'ended', 'expired')),
+    started_at TIMESTAMPTZ NOT NULL,
+    last_seen_at TIMESTAMPTZ NOT NULL,              -- last report; silent past SESSION_TTL_SECONDS: expired
+    reported_ms BIGINT NOT NULL DEFAULT 0 CHECK (reported_ms >= 0),  -- the session's total, all recorded
+    recorded_until TIMESTAMPTZ NOT NULL,            -- end of its last usage event: the next one starts here or later
+    granted_ms BIGINT NOT NULL DEFAULT 0 CHECK (granted_ms >= 0),    -- may still use this much beyond reported_ms
+    beyond_grant_ms BIGINT NOT NULL DEFAULT 0 CHECK (beyond_grant_ms >= 0),  -- reported past its grants (recorded)
+    ended_at TIMESTAMPTZ,
+    CHECK ((state = 'open') = (ended_at IS NULL)),
+    CHECK (state = 'open' OR granted_ms = 0)        -- a closed session holds nothing
+);
+
+-- each user's open sessions (grants, rebuilds) and the silent ones (sessions.expire)
+CREATE INDEX IF NOT EXISTS idx_live_sessions_user_open ON live_sessions (user_id) WHERE state = 'open';
+CREATE INDEX IF NOT EXISTS idx_live_sessions_open_seen ON live_sessions (last_seen_at) WHERE state = 'open';
+-- sessions closed lately, whose reservations a lost release may have left behind in Redis
+CREATE INDEX IF NOT EXISTS idx_live_sessions_user_closed ON live_sessions (user_id, ended_at) WHERE state <> 'open';
+
 
 -- -----------------------------------------------------------------------------------------------------
 -- 5. Functions and triggers on the seed tables
@@ -1336,6 +1364,7 @@ ALTER TABLE dead_letters ENABLE ROW LEVEL SECURITY;
 ALTER TABLE usage_periods ENABLE ROW LEVEL SECURITY;
 ALTER TABLE usage_alerts ENABLE ROW LEVEL SECURITY;
 ALTER TABLE maintenance_runs ENABLE ROW LEVEL SECURITY;
+ALTER TABLE live_sessions ENABLE ROW LEVEL SECURITY;
 
 -- The policies of the user-facing tables are this file's alone: all of them are dropped and created
 -- again, so a re-run also removes those of earlier versions (e.g. the separate admin policies).
@@ -1483,14 +1512,15 @@ REVOKE TRUNCATE, REFERENCES, TRIGGER ON
 
 REVOKE ALL ON
     messages_default, usage_events, usage_hour_conversations, stripe_events, stripe_subscriptions,
-    stripe_reconcile_runs, dead_letters, usage_periods, usage_alerts, maintenance_runs, user_statistics
+    stripe_reconcile_runs, dead_letters, usage_periods, usage_alerts, maintenance_runs, live_sessions,
+    user_statistics
     FROM anon, authenticated;
 
 GRANT ALL ON
     profiles, language_settings, conversations, messages, messages_default, conversation_scripts,
     subscriptions, usage_tracking, learning_progress, achievements, audit_logs,
     usage_events, usage_hour_conversations, stripe_events, stripe_subscriptions, stripe_reconcile_runs,
-    dead_letters, usage_periods, usage_alerts, maintenance_runs
+    dead_letters, usage_periods, usage_alerts, maintenance_runs, live_sessions
     TO service_role;
 GRANT SELECT ON user_statistics TO service_role;
 

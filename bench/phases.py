@@ -5,13 +5,16 @@ latency is the path's own and not time spent queued behind a backlog."""
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
+import msgspec
 import psycopg
 import sqlalchemy as sa
 from prometheus_client import CollectorRegistry
@@ -20,7 +23,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from bench import harness
 from bench.data import Stream, Totals, totals
 from bench.noop import NOOP_TASK
-from worker import db, quota
+from worker import db, http_models, quota, sessions
 from worker.celery import app
 from worker.clock import utcnow
 from worker.config import settings
@@ -453,3 +456,103 @@ def quota_lookups(users: list[str], count: int, choose: Callable[[list[str]], st
         quota.check(user)
         latencies.append(time.perf_counter() - began)
     return latencies
+
+
+# -- live-session grants (issue 13) ----------------------------------------------------------------------
+
+SESSION_USE = 0.05  # seconds of microphone each timed report adds: every heartbeat records usage
+
+
+@dataclass
+class Grants:
+    """Seconds per call of `sessions.run`, in the bench process, by kind of call."""
+
+    first_starts: list[float]  # a user's first session: the reservation is built from PostgreSQL first
+    starts: list[float]  # a further session of a user whose reservation Redis holds
+    heartbeats: list[float]  # a report that records its usage and grants again
+    ends: list[float]
+    concurrent_grants: int = 0  # heartbeats from `threads` threads at once, in `concurrent_seconds`
+    concurrent_seconds: float = 0.0
+    threads: int = 0
+    validation_us: dict[str, float] = field(default_factory=dict)  # validation_costs()
+
+    @property
+    def concurrent_rate(self) -> float:
+        return self.concurrent_grants / self.concurrent_seconds
+
+
+def _timed(call: Callable[[], Any]) -> tuple[float, Any]:
+    began = time.perf_counter()
+    answer = call()
+    return time.perf_counter() - began, answer
+
+
+def _start(user: str) -> Any:
+    now = utcnow()
+    return sessions.run(lambda conn: sessions.start(conn, user, "en", now, feature="conversation"))
+
+
+def _report(session_id: str, total: float, final: bool = False) -> Any:
+    now, call = utcnow(), sessions.end if final else sessions.heartbeat
+    return sessions.run(lambda conn: call(conn, session_id, total, now))
+
+
+def session_grants(users: list[str], heartbeats: int, threads: int = 4) -> Grants:
+    """Grant latency by kind of call, one call at a time; then grants per second from `threads` threads,
+    each beating sessions of users of its own. Every session reports SESSION_USE more each time."""
+    chosen = users[: max(threads * 25, min(len(users), 500))]
+    grants = Grants([], [], [], [])
+    open_sessions: dict[str, float] = {}
+    for user in chosen:
+        seconds, answer = _timed(lambda user=user: _start(user))
+        grants.first_starts.append(seconds)
+        open_sessions[answer.session_id] = 0.0
+    ids = list(open_sessions)
+    for number in range(heartbeats):
+        session_id = ids[number % len(ids)]
+        open_sessions[session_id] = round(open_sessions[session_id] + SESSION_USE, 3)
+        seconds, _ = _timed(lambda s=session_id: _report(s, open_sessions[s]))
+        grants.heartbeats.append(seconds)
+    for user in chosen:
+        seconds, answer = _timed(lambda user=user: _start(user))
+        grants.starts.append(seconds)
+        open_sessions[answer.session_id] = 0.0
+    parts = [list(open_sessions)[part::threads] for part in range(threads)]
+
+    def beat(part: list[str]) -> None:
+        for number in range(heartbeats // threads):
+            session_id = part[number % len(part)]
+            open_sessions[session_id] = round(open_sessions[session_id] + SESSION_USE, 3)
+            _report(session_id, open_sessions[session_id])
+
+    began = time.perf_counter()
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(beat, parts))
+    grants.concurrent_seconds = time.perf_counter() - began
+    grants.threads, grants.concurrent_grants = threads, threads * (heartbeats // threads)
+    for session_id, total in open_sessions.items():
+        seconds, _ = _timed(lambda s=session_id, t=total: _report(s, t, final=True))
+        grants.ends.append(seconds)
+    grants.validation_us = validation_costs()
+    return grants
+
+
+def validation_costs(count: int = 20_000) -> dict[str, float]:
+    """Microseconds to validate one JSON usage event: `json.loads` + `metering.parse_event` (what the worker
+    runs), and msgspec decoding into the OpenAPI model (types, bounds and patterns, without parse_event's
+    offset rule, time window, canonical ids and millisecond rounding) — for the lead's choice of where
+    validation lives (issue 13)."""
+    now = utcnow()
+    event = {"event_id": "bench-validation", "user_id": "9b2e1a53-95a0-4c57-9a5b-21a4bf1b7d33",
+             "started_at": now.isoformat(), "seconds": 12.5, "language": "pt-BR",
+             "conversation_id": "5b0f9c2e-2d1c-4a8e-9f55-1c1f0f7b9d10", "feature": "conversation"}  # fmt: skip
+    raw = json.dumps(event).encode()
+    decoder = msgspec.json.Decoder(http_models.UsageEvent)
+    costs = {}
+    for name, validate in (("parse_event", lambda: events.parse_event(json.loads(raw), now)),
+                           ("msgspec", lambda: decoder.decode(raw))):  # fmt: skip
+        began = time.perf_counter()
+        for _ in range(count):
+            validate()
+        costs[name] = 1_000_000 * (time.perf_counter() - began) / count
+    return costs

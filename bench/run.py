@@ -42,11 +42,13 @@ class Sizes:
     scale_events: int
     ledger_sizes: tuple[int, ...]
     user_counts: tuple[int, ...]
+    session_heartbeats: int
 
 
 FULL = Sizes(20_000, 50_000, 200_000, 100_000, 5_000, 100_000, 0.25, 10_000, 50_000,
-             (10_000, 100_000, 1_000_000), (1_000, 100_000))  # fmt: skip
-QUICK = Sizes(3_000, 5_000, 20_000, 10_000, 1_000, 20_000, 0.5, 2_000, 10_000, (10_000, 100_000), (1_000, 10_000))
+             (10_000, 100_000, 1_000_000), (1_000, 100_000), 5_000)  # fmt: skip
+QUICK = Sizes(3_000, 5_000, 20_000, 10_000, 1_000, 20_000, 0.5, 2_000, 10_000, (10_000, 100_000), (1_000, 10_000),
+              1_000)  # fmt: skip
 # Users of the main runs (--users): at 25,000 events/s, 10,000 users speak 2.5 events a second each, so
 # two concurrent batches share some users, as they would in production; the scaling runs show 1,000
 # (every batch shares most of its users with the one beside it) and 100,000.
@@ -62,7 +64,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--concurrency", type=int, default=2, help="prefork processes per worker (default 2)")
     parser.add_argument("--users", type=int, default=USERS, help=f"users of the main runs (default {USERS:,})")
     parser.add_argument("--skip-scaling", action="store_true", help="leave out the ledger and user scaling runs")
-    parser.add_argument("--only", help="comma-separated main runs: noop,single,batch,http,naive,postgresql")
+    parser.add_argument("--only", help="comma-separated main runs: noop,single,batch,http,naive,postgresql,sessions")
     parser.add_argument("--output", type=Path, default=RESULTS, help="where the results go (bench/RESULTS.md)")
     # one scaling run in its own process (and database), started by the main run
     parser.add_argument("--scale-users", type=int, help=argparse.SUPPRESS)
@@ -180,6 +182,10 @@ def main_run(env: dict[str, str], log_dir: Path, run_id: str, args: argparse.Nam
     if wanted("postgresql"):
         print("PostgreSQL ceiling: apply_events in process", flush=True)
         results["postgresql"], breakdown = phases.pg_ceiling(context, stream("postgresql", sizes.postgresql))
+    grants = None
+    if wanted("sessions"):
+        print("live-session grants: worker.sessions in process", flush=True)
+        grants = phases.session_grants(users, sizes.session_heartbeats)
     print("quota look-ups", flush=True)
     rng = random.Random(1)
     lookups = phases.quota_lookups(users, sizes.quota_lookups, rng.choice)
@@ -187,7 +193,7 @@ def main_run(env: dict[str, str], log_dir: Path, run_id: str, args: argparse.Nam
     if not args.skip_scaling:
         for count in sizes.user_counts:
             scaling += run_scaling_process(run_id, redis_db, count, args, log_dir)
-    write_results(args.output, args, sizes, results, breakdown, lookups, scaling, time.monotonic() - started)
+    write_results(args.output, args, sizes, results, breakdown, lookups, scaling, grants, time.monotonic() - started)
     print(f"wrote {args.output}", flush=True)
 
 
@@ -414,8 +420,42 @@ def _breakdown(breakdown: Any) -> list[str]:
     return lines
 
 
+def _grants(grants: Any, lookups: list[float]) -> list[str]:
+    from bench import harness
+
+    if grants is None:
+        return []
+
+    def ms(values: list[float], fraction: float) -> str:
+        return f"{1000 * harness.percentile(values, fraction):.2f}"
+
+    rows = [("a user's first start (reservation built from PostgreSQL first)", grants.first_starts),
+            ("a start (reservation in Redis)", grants.starts),
+            ("a heartbeat (records its usage, grants again)", grants.heartbeats),
+            ("an end (records, releases)", grants.ends),
+            ("quota look-up `worker.quota.check`, same run (Redis, with the held seconds)", lookups)]  # fmt: skip
+    lines = ["", "## Live-session grants (issue 13)", "",
+             "`worker.sessions.run` from the bench process, one call at a time: each call is one transaction "
+             "(the user's shared advisory lock, the session row, the usage through `metering.apply_events`) and "
+             "two Redis scripts (the reservation before the commit, its settle after).", "",
+             "| call | calls | p50 ms | p99 ms |", "|---|---:|---:|---:|"]  # fmt: skip
+    lines += [f"| {label} | {len(values):,} | {ms(values, 0.5)} | {ms(values, 0.99)} |" for label, values in rows]
+    lines += ["", f"Grants per second, {grants.threads} threads beating sessions at once: "
+                  f"**{grants.concurrent_rate:,.0f}** ({grants.concurrent_grants:,} heartbeats in "
+                  f"{grants.concurrent_seconds:.1f} s); one at a time: "
+                  f"{len(grants.heartbeats) / sum(grants.heartbeats):,.0f} a second."]  # fmt: skip
+    costs = grants.validation_us
+    lines += [
+        "",
+        f"Validating one JSON usage event: `json.loads` + `metering.parse_event` {costs['parse_event']:.1f} µs; "
+        f"msgspec decoding into the OpenAPI model (`http_models.UsageEvent`) {costs['msgspec']:.1f} µs, without "
+        "parse_event's offset rule, time window, canonical ids and millisecond rounding, which would follow it.",
+    ]
+    return lines
+
+
 def write_results(path: Path, args: argparse.Namespace, sizes: Sizes, results: dict, breakdown: Any,
-                  lookups: list[float], scaling: list[dict], seconds: float) -> None:  # fmt: skip
+                  lookups: list[float], scaling: list[dict], grants: Any, seconds: float) -> None:  # fmt: skip
     from bench import harness
 
     command = "python -m bench.run" + (" --quick" if args.quick else "")
@@ -489,6 +529,7 @@ def write_results(path: Path, args: argparse.Namespace, sizes: Sizes, results: d
         f"answers are in Redis: p50 {1000 * harness.percentile(lookups, 0.5):.3f} ms, p99 "
         f"{1000 * harness.percentile(lookups, 0.99):.3f} ms, max {1000 * max(lookups):.3f} ms.",
         *_breakdown(breakdown),
+        *_grants(grants, lookups),
     ]
     if NOTES.exists():
         lines += ["", NOTES.read_text().strip()]

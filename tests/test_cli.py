@@ -37,7 +37,7 @@ def test_quota_prints_the_answer_or_says_why_not(capsys) -> None:
     assert status == 0
     assert json.loads(out) | {"period_start": None, "period_end": None} == {
         "user_id": str(user), "plan": "free", "limit_seconds": 3600, "used_seconds": 0, "remaining_seconds": 3600,
-        "blocked": False, "period_start": None, "period_end": None,
+        "reserved_seconds": 0, "blocked": False, "period_start": None, "period_end": None,
     }  # fmt: skip
     unknown = uuid.uuid4()
     assert run(capsys, "quota", str(unknown)) == (1, "", f"no user with id {unknown}\n")

@@ -20,6 +20,7 @@ def test_defaults_point_at_the_local_services() -> None:
         300,
         35,
     )
+    assert (config.session_grant_seconds, config.session_ttl_seconds) == (60, 120)
 
 
 def test_lists_and_pairs_are_parsed() -> None:
@@ -53,6 +54,8 @@ def test_lists_and_pairs_are_parsed() -> None:
         ({"CELERY_BROKER_URL": "sqs://queue"}, "CELERY_BROKER_URL must start with"),
         ({"LOG_LEVEL": "LOUD"}, "LOG_LEVEL must be"),
         ({"USAGE_FLUSH_INTERVAL": "-1"}, "USAGE_FLUSH_INTERVAL must be > 0"),
+        ({"SESSION_GRANT_SECONDS": "0"}, "SESSION_GRANT_SECONDS must be >= 1"),
+        ({"SESSION_TTL_SECONDS": "2m"}, "SESSION_TTL_SECONDS must be an integer"),
     ],
 )
 def test_malformed_values_name_the_variable(environ: dict[str, str], message: str) -> None:

@@ -461,12 +461,16 @@ def test_the_beat_schedule_runs_every_job_on_its_tasks_queue() -> None:
         schedule = create_app().conf.beat_schedule
 
     assert {entry["task"] for entry in schedule.values()} == set(BEAT_TASKS.values())
-    assert {job for job, task in BEAT_TASKS.items() if not task.startswith("maintenance.")} == {"stripe_reconcile"}
+    assert {job for job, task in BEAT_TASKS.items() if not task.startswith("maintenance.")} == {
+        "stripe_reconcile",
+        "expire_sessions",
+    }
     assert "stripe.reconcile" not in app.conf.beat_schedule  # without STRIPE_API_KEY there is nothing to reconcile
     for job, interval in SCHEDULE_DEFAULTS.items():
         entry = schedule[BEAT_TASKS[job]]
         assert entry["task"] in app.tasks
-        assert app.amqp.router.route({}, entry["task"])["queue"].name == entry["task"].split(".")[0]
+        queue = {"sessions": "maintenance"}.get(entry["task"].split(".")[0], entry["task"].split(".")[0])
+        assert app.amqp.router.route({}, entry["task"])["queue"].name == queue  # sessions.expire: maintenance
         assert entry["schedule"] == interval and entry["options"]["expires"] == interval
     assert app.conf.beat_scheduler == "redbeat.RedBeatScheduler"
     assert app.conf.redbeat_lock_timeout > app.conf.beat_max_loop_interval

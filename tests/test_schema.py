@@ -143,6 +143,7 @@ WORKER_TABLES = [
     "usage_periods",
     "usage_alerts",
     "maintenance_runs",
+    "live_sessions",
 ]
 T0 = datetime(2030, 3, 10, 12, 0, tzinfo=UTC)
 

@@ -176,7 +176,7 @@ INTENDED_FINDINGS = {
     "0008_rls_enabled_no_policy": {
         "public.usage_events", "public.usage_hour_conversations", "public.stripe_events", "public.dead_letters",
         "public.usage_periods", "public.usage_alerts", "public.maintenance_runs", "public.messages_default",
-        "public.stripe_subscriptions", "public.stripe_reconcile_runs",
+        "public.stripe_subscriptions", "public.stripe_reconcile_runs", "public.live_sessions",
     },
 }  # fmt: skip
 

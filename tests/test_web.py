@@ -228,8 +228,8 @@ def test_quota_of_a_user(client: httpx.Client) -> None:
     assert {key: body[key] for key in ("user_id", "plan", "limit_seconds", "used_seconds", "blocked")} == {
         "user_id": user, "plan": "free", "limit_seconds": 3600, "used_seconds": 0, "blocked": False,
     }  # fmt: skip
-    assert set(body) == {"user_id", "plan", "limit_seconds", "used_seconds", "remaining_seconds", "blocked",
-                         "period_start", "period_end"}  # fmt: skip
+    assert set(body) == {"user_id", "plan", "limit_seconds", "used_seconds", "remaining_seconds", "reserved_seconds",
+                         "blocked", "period_start", "period_end"}  # fmt: skip
 
 
 def test_quota_of_a_malformed_id_is_a_400_and_of_an_unknown_user_a_404(client: httpx.Client) -> None:

@@ -1,4 +1,5 @@
-"""Redis: the quota cache's client, one per process (created lazily, forgotten after a fork)."""
+"""Redis: the quota cache's client, one per process (created lazily, forgotten after a fork), and the names
+of the keys that more than one module reads."""
 
 from __future__ import annotations
 
@@ -9,6 +10,16 @@ import redis
 from worker.config import settings
 
 _client: redis.Redis | None = None
+
+# Each user's live-session reservations, a hash written only by worker.sessions' scripts; its field HELD
+# is how many milliseconds the user's open sessions hold (the quota subtracts it from what remains).
+LIVE_GRANTS_PREFIX = "live-grants:"
+HELD = "held"
+STALE = "stale"  # set when the user's plan or usage changed under the reservations: rebuild them
+
+
+def live_grants_key(user_id: str) -> str:
+    return LIVE_GRANTS_PREFIX + user_id
 
 
 def redis_client() -> redis.Redis:

@@ -53,6 +53,7 @@ def create_app() -> Celery:
             "metering.*": {"queue": "usage"},
             "stripe.*": {"queue": "stripe"},
             "maintenance.*": {"queue": "maintenance"},
+            "sessions.*": {"queue": "maintenance"},
         },
         worker_consumer=CONSUMER,
         worker_hijack_root_logger=False,

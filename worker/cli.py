@@ -12,7 +12,7 @@ from uuid import UUID
 import psycopg
 from sqlalchemy.engine import make_url
 
-from worker import db, dead_letters, demo, metrics, quota, rebuild
+from worker import db, dead_letters, demo, metrics, quota, rebuild, sessions
 from worker.celery import app
 from worker.clock import utcnow
 from worker.config import ConfigError, settings
@@ -195,6 +195,29 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sessions(args: argparse.Namespace) -> int:
+    now = utcnow()
+    with db.engine().connect() as conn:
+        open_sessions = sessions.list_open(conn, now, args.limit)
+    if not open_sessions:
+        print("no open live sessions")
+        return 0
+    print(f"{'session_id':<36}  {'user_id':<36}  {'lang':<5} {'started_at':<20} {'last report':<20}"
+          f" {'used s':>9} {'granted s':>9} {'beyond s':>9}")  # fmt: skip
+    for session in open_sessions:
+        silent = "  silent: expires at the next sessions.expire" if session.silent else ""
+        print(
+            f"{session.session_id:<36}  {session.user_id:<36}  {session.language:<5}"
+            f" {session.started_at:%Y-%m-%dT%H:%M:%SZ} {session.last_seen_at:%Y-%m-%dT%H:%M:%SZ}"
+            f" {session.reported_ms / 1000:>9.3f} {session.granted_ms / 1000:>9.3f}"
+            f" {session.beyond_grant_ms / 1000:>9.3f}{silent}"
+        )
+    users = len({session.user_id for session in open_sessions})
+    more = f" (the first {args.limit}: --limit shows more)" if len(open_sessions) == args.limit else ""
+    print(f"{len(open_sessions)} open sessions of {users} users{more}")
+    return 0
+
+
 def _add_dead_letters(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = commands.add_parser("dead-letters", help="list or replay inputs that could not be applied")
     actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -251,6 +274,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_rebuild_usage(commands)
     _add_demo(commands)
     _add_stripe_reconcile(commands)
+    live = commands.add_parser("sessions", help="live sessions")
+    actions = live.add_subparsers(dest="action", required=True, metavar="ACTION")
+    listing = actions.add_parser("list", help="open sessions and their grants")
+    listing.add_argument("--limit", type=int, default=1000, help="at most this many (default 1000)")
     commands.add_parser(
         "reset-due", help="archive every period that has ended and start the next (maintenance.reset_monthly_usage)"
     ).add_argument("--now", type=_moment, help="RFC 3339 time or date (UTC) to reset for (default: now)")
@@ -266,6 +293,7 @@ COMMANDS: dict[str, Command] = {
     "demo": cmd_demo,
     "reset-due": cmd_reset_due,
     "stripe-reconcile": cmd_stripe_reconcile,
+    "sessions": cmd_sessions,
 }
 
 

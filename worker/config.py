@@ -35,6 +35,8 @@ class Settings:
     usage_max_event_seconds: int = 14400
     usage_max_future_seconds: int = 300
     usage_max_lateness_days: int = 35
+    session_grant_seconds: int = 60  # the most one live-session grant runs ahead of the usage reported
+    session_ttl_seconds: int = 120  # a live session silent this long expires
     # Not in the public contract; operational knobs with safe defaults.
     log_level: str = "INFO"
     web_host: str = "127.0.0.1"
@@ -119,6 +121,7 @@ SCHEDULE_DEFAULTS = {  # seconds between runs of each beat job
     "aggregate_usage": 300.0,
     "sweep": 60.0,
     "stripe_reconcile": 86400.0,
+    "expire_sessions": 30.0,  # sessions.expire: a silent session's grant returns within its TTL and this
 }
 BEAT_TASKS = {  # the task each beat job runs; a job's name is also its maintenance_runs.job
     "reset_monthly_usage": "maintenance.reset_monthly_usage",
@@ -127,6 +130,7 @@ BEAT_TASKS = {  # the task each beat job runs; a job's name is also its maintena
     "aggregate_usage": "maintenance.aggregate_usage",
     "sweep": "maintenance.sweep",
     "stripe_reconcile": "stripe.reconcile",  # on the stripe queue: it talks to Stripe's API
+    "expire_sessions": "sessions.expire",  # on the maintenance queue
 }
 
 
@@ -175,6 +179,8 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
         usage_max_event_seconds=_int(environ, "USAGE_MAX_EVENT_SECONDS", base.usage_max_event_seconds, minimum=1),
         usage_max_future_seconds=_int(environ, "USAGE_MAX_FUTURE_SECONDS", base.usage_max_future_seconds),
         usage_max_lateness_days=_int(environ, "USAGE_MAX_LATENESS_DAYS", base.usage_max_lateness_days),
+        session_grant_seconds=_int(environ, "SESSION_GRANT_SECONDS", base.session_grant_seconds, minimum=1),
+        session_ttl_seconds=_int(environ, "SESSION_TTL_SECONDS", base.session_ttl_seconds, minimum=1),
         log_level=log_level,
         web_host=environ.get("WEB_HOST", "").strip() or base.web_host,
         web_port=_int(environ, "PORT", base.web_port, minimum=1),

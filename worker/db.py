@@ -10,6 +10,7 @@ import os
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import psycopg
@@ -84,47 +85,87 @@ os.register_at_fork(after_in_child=_forget_engine_after_fork)
 #
 # Effects outside PostgreSQL (quota answers in Redis, tasks sent to the broker, metrics) must follow the
 # commit of the rows they describe, never precede it and never survive its rollback. `after_commit`
-# registers them on the connection; `transaction()` runs them once its commit has succeeded. Savepoints
-# keep their own frame: a callback registered inside a savepoint that rolls back is dropped with it.
+# registers them on the connection; `transaction()` runs them once its commit has succeeded. The few effects
+# taken ahead of the commit (a live-session reservation in Redis) register their undoing with
+# `after_rollback`. Savepoints keep their own frame: what was registered inside a savepoint that rolls back
+# is undone (its after_rollback callbacks run, its after_commit ones are dropped) with it.
 
-# Per open connection of transaction(): a stack of callback lists, one per savepoint. Keyed by the Connection
-# object itself (not Connection.info, which belongs to the DBAPI connection and is gone once it breaks).
-_frames: weakref.WeakKeyDictionary[Connection, list[list[Callable[[], None]]]] = weakref.WeakKeyDictionary()
+
+@dataclass
+class _Frame:
+    commit: list[Callable[[], None]] = field(default_factory=list)
+    rollback: list[Callable[[], None]] = field(default_factory=list)
+
+    def absorb(self, inner: _Frame) -> None:
+        self.commit += inner.commit
+        self.rollback += inner.rollback
+
+
+# Per open connection of transaction(): a stack of frames, one per savepoint. Keyed by the Connection object
+# itself (not Connection.info, which belongs to the DBAPI connection and is gone once it breaks).
+_frames: weakref.WeakKeyDictionary[Connection, list[_Frame]] = weakref.WeakKeyDictionary()
 
 
 @contextmanager
 def transaction(dry_run: bool = False) -> Iterator[Connection]:
     """A connection in a transaction that commits when the block ends (rolls back with `dry_run`, or on
-    error). Callbacks registered with `after_commit` run once the commit has succeeded, in order."""
+    error). Callbacks registered with `after_commit` run once the commit has succeeded, in order; those
+    registered with `after_rollback` run when it rolled back instead."""
     with engine().connect() as connection:
-        frames: list[list[Callable[[], None]]] = [[]]
+        frames = [_Frame()]
         _frames[connection] = frames
         try:
             with connection.begin() as outer:
                 yield connection
                 if dry_run:
                     outer.rollback()
+        except BaseException:
+            _run_rollback_callbacks(frames)
+            raise
         finally:
             _frames.pop(connection, None)
-    if not dry_run:
-        for callback in frames[0]:
-            callback()
+    if dry_run:
+        _run_rollback_callbacks(frames)
+        return
+    for callback in frames[0].commit:
+        callback()
+
+
+def _run_rollback_callbacks(frames: list[_Frame]) -> None:
+    """Newest first. Each is best effort: the failure that rolled the transaction back is what the caller
+    must see, not a failure of undoing."""
+    for frame in reversed(frames):
+        for callback in reversed(frame.rollback):
+            try:
+                callback()
+            except Exception:
+                log.exception("after_rollback_failed")
+
+
+def _frames_of(connection: Connection) -> list[_Frame]:
+    frames = _frames.get(connection)
+    if frames is None:
+        raise RuntimeError("after_commit and after_rollback need a connection of db.transaction()")
+    return frames
 
 
 def after_commit(connection: Connection, callback: Callable[[], None]) -> None:
     """Run `callback` once the `transaction()` that `connection` belongs to has committed; never if it (or
     the savepoint the call is in) rolls back. Raises outside `transaction()`, where no commit would run it."""
-    frames = _frames.get(connection)
-    if frames is None:
-        raise RuntimeError("after_commit needs a connection of db.transaction(): nothing else runs callbacks")
-    frames[-1].append(callback)
+    _frames_of(connection)[-1].commit.append(callback)
+
+
+def after_rollback(connection: Connection, callback: Callable[[], None]) -> None:
+    """Run `callback` if the `transaction()` (or the savepoint the call is in) rolls back: the undoing of an
+    effect taken ahead of the commit. Never runs once the transaction has committed."""
+    _frames_of(connection)[-1].rollback.append(callback)
 
 
 @sa.event.listens_for(Engine, "savepoint")
 def _open_frame(connection: Connection, _name: str) -> None:
     frames = _frames.get(connection)
     if frames is not None:
-        frames.append([])
+        frames.append(_Frame())
 
 
 @sa.event.listens_for(Engine, "release_savepoint")
@@ -132,21 +173,14 @@ def _keep_frame(connection: Connection, _name: str, _context: object) -> None:
     frames = _frames.get(connection)
     if frames is not None and len(frames) > 1:
         released = frames.pop()
-        frames[-1].extend(released)
+        frames[-1].absorb(released)
 
 
 @sa.event.listens_for(Engine, "rollback_savepoint")
-def _drop_frame(connection: Connection, _name: str, _context: object) -> None:
+def _undo_frame(connection: Connection, _name: str, _context: object) -> None:
     frames = _frames.get(connection)
     if frames is not None and len(frames) > 1:
-        frames.pop()
-
-
-@sa.event.listens_for(Engine, "rollback")
-def _drop_all_frames(connection: Connection) -> None:
-    frames = _frames.get(connection)
-    if frames is not None:
-        frames[:] = [[]]
+        _run_rollback_callbacks([frames.pop()])
 
 
 def set_actor(connection: Connection, actor: str) -> None:

@@ -4,14 +4,17 @@ It runs against the running system. The learners are written to PostgreSQL as si
 have left them (one per plan; the paid two linked to a Stripe customer and subscription). Their usage
 goes through the public path: `POST /v1/usage-events` on the web (--url, with a token of
 INGEST_API_TOKENS), or, when no token is configured or the web does not answer, to the broker as an app
-server sends it (`metering.record_usage_batch`). Once the worker has committed everything, a table shows
-each learner's minutes, remaining quota and alerts; the free learner goes past the 60-minute limit.
+server sends it (`metering.record_usage_batch`). Once the worker has committed everything, the free learner,
+three minutes short of the 60-minute limit, has a live conversation (worker.sessions, as an app server that
+imports the package runs one) that is cut when the limit is reached; then a table shows each learner's
+minutes, remaining quota and alerts.
 
 Reruns are safe: the demo learners (demo-<plan>@worldspeak.example) are deleted and created again.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 import sys
@@ -26,7 +29,7 @@ from datetime import datetime, timedelta
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from worker import db, periods, quota
+from worker import db, periods, quota, sessions
 from worker.celery import app
 from worker.clock import utcnow
 from worker.config import settings
@@ -39,6 +42,7 @@ EVENTS_PER_REQUEST = 50
 HTTP_TIMEOUT = 10.0  # seconds per request
 PAID_PERIOD_AGE = timedelta(days=3)  # how far into their Stripe period the paid learners are
 HISTORY = timedelta(days=3)  # usage is spread over at most this much of the current period
+REPORT_EVERY = 20  # seconds of the live conversation between its app's reports
 
 
 @dataclass(frozen=True)
@@ -55,7 +59,7 @@ class Persona:
 
 
 PERSONAS = (
-    Persona("free", "Aiko (demo)", "Asia/Tokyo", ("en",), 105),
+    Persona("free", "Aiko (demo)", "Asia/Tokyo", ("en",), 95),
     Persona("standard", "Lukas (demo)", "Europe/Berlin", ("zh", "en"), 50),
     Persona("premium", "Marina (demo)", "America/Sao_Paulo", ("ja", "en", "pt-BR"), 10),
 )
@@ -265,6 +269,37 @@ def progress_bar(label: str, total: int) -> Progress:
     return show
 
 
+# -- a live session ----------------------------------------------------------------------------------------
+
+
+def live_session(learner: Learner, now: datetime) -> list[str]:
+    """The learner talks as long as they are granted: the app reports every REPORT_EVERY seconds, uses what
+    was granted, and stops the microphone when the grant is 0. The conversation's clock ends at `now`."""
+    left = quota.check(learner.user_id, now).remaining_seconds
+    clock = now - timedelta(seconds=left + REPORT_EVERY)
+    start = functools.partial(sessions.start, user_id=learner.user_id, language=learner.persona.languages[0],
+                              now=clock, feature="conversation")  # fmt: skip
+    answer = sessions.run(start)
+    assert isinstance(answer, sessions.Grant)
+    lines = [f"live session of {learner.persona.email}, {left:.0f} s left, its app reporting every {REPORT_EVERY} s:"]
+    used, elapsed, at = 0.0, 0, clock
+    while answer.granted_ms:
+        lines.append(f"  +{elapsed:>3} s  used {used:6.1f} s  granted {answer.granted_ms / 1000:5.1f} s")
+        used += min(answer.granted_ms / 1000, REPORT_EVERY)
+        elapsed += REPORT_EVERY
+        at = clock + timedelta(seconds=elapsed)
+        answer = sessions.run(functools.partial(sessions.heartbeat, session_id=answer.session_id, used_seconds=used,
+                                                now=at))  # fmt: skip
+        assert isinstance(answer, sessions.Grant), "the demo's session never goes silent"
+    why = "the limit is reached" if answer.blocked else "other sessions hold the rest"
+    lines.append(f"  +{elapsed:>3} s  used {used:6.1f} s  granted   0.0 s  cut: {why}")
+    ended = sessions.run(functools.partial(sessions.end, session_id=answer.session_id, used_seconds=used, now=at))
+    assert isinstance(ended, sessions.Closed)
+    beyond = ended.beyond_grant_ms / 1000
+    lines.append(f"  ended: {ended.recorded_ms / 1000:.1f} s recorded, {beyond:.1f} s of it beyond the grants")
+    return lines
+
+
 # -- summary -----------------------------------------------------------------------------------------------
 
 
@@ -314,4 +349,6 @@ def run(url: str, token: str | None, count: int, timeout: float) -> None:
     if rejected:
         raise DemoError(f"the web rejected {rejected} demo events: see `python -m worker dead-letters list`")
     wait_until_recorded(learners, len(events), timeout, progress_bar("recorded", len(events)))
+    free = next(learner for learner in learners if learner.persona.plan == "free")
+    print("\n".join(live_session(free, utcnow())))
     print(summary(learners, utcnow()))

@@ -9,6 +9,14 @@ Usage only grows within a period, except when a plan or period changes or a rebu
 bump the user's generation (`invalidate`). Every answer carries the generation it was read under (read
 from Redis before PostgreSQL), and the Lua check refuses an answer of an older generation, so an answer
 read before such a change can never be published after it.
+
+Live sessions (worker/sessions.py) hold seconds before they are used: `check` counts them as not remaining
+and says how many are held (`reserved_seconds`). The cached answer stays usage-based; what the sessions
+hold is read at answer time, from their reservation in Redis in the same round trip as the cached answer
+(or from PostgreSQL's session rows when the answer itself comes from PostgreSQL). A user whose
+reservation Redis lost reads 0 held from the cache until their next session call rebuilds it: the grants
+themselves never depend on this answer. `invalidate` also marks the reservation stale, so the next
+session call recomputes it under the new plan.
 """
 
 from __future__ import annotations
@@ -16,9 +24,10 @@ from __future__ import annotations
 import functools
 import json
 from collections.abc import Iterable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from dataclasses import field as dataclass_field
 from datetime import UTC, datetime
+from typing import Any
 from uuid import UUID
 
 import redis
@@ -26,7 +35,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from worker import db, metrics
-from worker.cache import redis_client
+from worker.cache import HELD, STALE, live_grants_key, redis_client
 from worker.config import settings
 from worker.logs import get_logger
 from worker.periods import CALENDAR_END, CALENDAR_START
@@ -53,6 +62,7 @@ class Quota:
     blocked: bool
     period_start: str
     period_end: str
+    reserved_seconds: float = 0  # held by live sessions' grants; 0 in the usage-based cached answer
     generation: int = dataclass_field(default=0, compare=False)  # of the cache; not part of the answer
 
     @classmethod
@@ -62,17 +72,22 @@ class Quota:
         return cls(
             user_id=user_id,
             plan=plan,
-            limit_seconds=_seconds(limit_ms),
-            used_seconds=_seconds(used_ms),
-            remaining_seconds=_seconds(max(limit_ms - used_ms, 0)),
+            limit_seconds=seconds(limit_ms),
+            used_seconds=seconds(used_ms),
+            remaining_seconds=seconds(max(limit_ms - used_ms, 0)),
             blocked=used_ms >= limit_ms,
             period_start=_utc_iso(start),
             period_end=_utc_iso(end),
             generation=generation,
         )
 
-    def as_dict(self) -> dict[str, object]:
+    def as_dict(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in FIELDS}  # dataclasses.asdict deep-copies: 20 µs
+
+    def reserving(self, reserved_ms: int) -> Quota:
+        """This answer with `reserved_ms` held by live sessions, which are then not remaining."""
+        remaining_ms = round(self.limit_seconds * 1000) - round(self.used_seconds * 1000) - reserved_ms
+        return replace(self, reserved_seconds=seconds(reserved_ms), remaining_seconds=seconds(max(remaining_ms, 0)))
 
     @property
     def ends_at(self) -> datetime:
@@ -80,6 +95,7 @@ class Quota:
 
 
 FIELDS = tuple(field.name for field in fields(Quota) if field.name != "generation")  # the public answer
+USAGE_FIELDS = tuple(name for name in FIELDS if name != "reserved_seconds")  # what the cache holds
 
 
 @functools.lru_cache(maxsize=4096)
@@ -88,7 +104,7 @@ def _utc_iso(moment: datetime) -> str:
     return moment.astimezone(UTC).isoformat()
 
 
-def _seconds(ms: int) -> float:
+def seconds(ms: int) -> float:
     """Milliseconds as seconds; whole seconds stay integers in JSON."""
     return ms // 1000 if ms % 1000 == 0 else ms / 1000
 
@@ -124,14 +140,34 @@ def _generations(user_ids: list[str]) -> dict[str, int]:
     return {user_id: int(value or 0) for user_id, value in zip(user_ids, values, strict=True)}
 
 
+def _usage_rows(conn: Connection, user_ids: list[str], now: datetime) -> sa.CursorResult[Any]:
+    return conn.execute(
+        _READ,
+        {"user_ids": bare_array(user_ids), "now": now, "free_limit_ms": settings().plan_minutes["free"] * 60_000},
+    )
+
+
+def usage_of(conn: Connection, user_id: str, now: datetime) -> sa.Row[Any] | None:
+    """The user's plan, limit_ms, used_ms, period_start and period_end at `now`, from PostgreSQL (None for
+    an unknown user): what `read` answers from, in milliseconds and without the cache's generation."""
+    return _usage_rows(conn, [user_id], now).first()
+
+
+_RESERVED = sa.text(
+    "SELECT COALESCE(sum(granted_ms), 0)::bigint FROM live_sessions WHERE user_id = :user_id AND state = 'open'"
+)
+
+
+def reserved_ms(conn: Connection, user_id: str) -> int:
+    """What the user's open live sessions hold as committed in PostgreSQL, in milliseconds."""
+    return int(conn.execute(_RESERVED, {"user_id": user_id}).scalar_one())
+
+
 def read(conn: Connection, user_ids: Iterable[str], now: datetime) -> dict[str, Quota]:
     """The quota of each user, from PostgreSQL. Unknown users are absent from the answer."""
     user_ids = sorted(set(user_ids))
     generations = _generations(user_ids)  # before PostgreSQL: a change committed after this bumps it
-    rows = conn.execute(
-        _READ,
-        {"user_ids": bare_array(user_ids), "now": now, "free_limit_ms": settings().plan_minutes["free"] * 60_000},
-    )
+    rows = _usage_rows(conn, user_ids, now)
     return {
         row.user_id: Quota.from_ms(
             row.user_id,
@@ -195,7 +231,7 @@ def publish(quotas: Iterable[Quota]) -> None:
 
 def invalidate(user_ids: Iterable[str]) -> None:
     """Forget cached answers and refuse any read before now (after a plan, period or usage correction
-    commits)."""
+    commits); the users' live-session reservations are recomputed at their next session call."""
     user_ids = [str(user_id) for user_id in user_ids]
     if not user_ids:
         return
@@ -205,43 +241,52 @@ def invalidate(user_ids: Iterable[str]) -> None:
                 pipe.incr(GENERATION_PREFIX + user_id)
                 pipe.expire(GENERATION_PREFIX + user_id, GENERATION_TTL)
                 pipe.delete(KEY_PREFIX + user_id)
+                pipe.hset(live_grants_key(user_id), STALE, 1)
+                pipe.expire(live_grants_key(user_id), GENERATION_TTL, nx=True)  # a hash it created: gone in a week
             pipe.execute()
     except redis.RedisError as exc:
         log.warning("quota_invalidate_failed", users=len(user_ids), error=str(exc))
 
 
 def cached(user_id: str, now: datetime) -> Quota | None:
-    """The cached answer when it still describes the period containing `now`."""
-    quota = _cached(user_id, now)
-    metrics.quota_cache_lookup(hit=quota is not None)
-    return quota
+    """The cached (usage-based) answer when it still describes the period containing `now`."""
+    return _lookup(user_id, now)[0]
 
 
-def _cached(user_id: str, now: datetime) -> Quota | None:
+def _lookup(user_id: str, now: datetime) -> tuple[Quota | None, int | None]:
+    """In one round trip: the cached answer (when it describes `now`'s period) and the milliseconds the
+    user's live sessions hold; (None, None) when Redis does not answer."""
     try:
-        raw = redis_client().get(KEY_PREFIX + user_id)
+        with redis_client().pipeline(transaction=False) as pipe:
+            pipe.get(KEY_PREFIX + user_id)
+            pipe.hget(live_grants_key(user_id), HELD)
+            raw, held = pipe.execute()
     except redis.RedisError as exc:
         log.warning("quota_cache_unavailable", error=str(exc))
-        return None
-    if raw is None:
-        return None
-    fields = json.loads(raw)
-    quota = Quota(**{name: fields[name] for name in FIELDS}, generation=fields["v_generation"])
-    if not datetime.fromisoformat(quota.period_start) <= now < quota.ends_at:
-        return None
-    return quota
+        metrics.quota_cache_lookup(hit=False)
+        return None, None
+    quota = None
+    if raw is not None:
+        fields = json.loads(raw)
+        quota = Quota(**{name: fields[name] for name in USAGE_FIELDS}, generation=fields["v_generation"])
+        if not datetime.fromisoformat(quota.period_start) <= now < quota.ends_at:
+            quota = None
+    metrics.quota_cache_lookup(hit=quota is not None)
+    return quota, int(held or 0)
 
 
 def check(user_id: str | UUID, now: datetime | None = None) -> Quota:
-    """The user's quota: Redis when fresh, else PostgreSQL (and the answer is cached again)."""
+    """The user's quota: Redis when fresh, else PostgreSQL (and the answer is cached again), with the
+    seconds held by live sessions counted as not remaining."""
     now = now or datetime.now(UTC)
     user_id = str(UUID(str(user_id)))
-    quota = cached(user_id, now)
-    if quota is not None:
-        return quota
+    quota, held_ms = _lookup(user_id, now)
+    if quota is not None and held_ms is not None:
+        return quota.reserving(held_ms)
     with db.engine().connect() as conn:
         answers = read(conn, [user_id], now)
-    if user_id not in answers:
-        raise UnknownUser(f"no user with id {user_id}")
+        if user_id not in answers:
+            raise UnknownUser(f"no user with id {user_id}")
+        held_ms = reserved_ms(conn, user_id)
     publish(answers.values())
-    return answers[user_id]
+    return answers[user_id].reserving(held_ms)

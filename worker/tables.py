@@ -209,3 +209,21 @@ audit_logs = sa.Table(
     sa.Column("actor", sa.Text),
     sa.Column("created_at", TZ),
 )
+
+live_sessions = sa.Table(
+    "live_sessions",
+    metadata,
+    sa.Column("session_id", UUID, primary_key=True),
+    sa.Column("user_id", UUID, nullable=False),
+    sa.Column("language", sa.Text, nullable=False),
+    sa.Column("conversation_id", UUID),
+    sa.Column("feature", sa.Text),
+    sa.Column("state", sa.Text, nullable=False),
+    sa.Column("started_at", TZ, nullable=False),
+    sa.Column("last_seen_at", TZ, nullable=False),
+    sa.Column("reported_ms", sa.BigInteger, nullable=False),
+    sa.Column("recorded_until", TZ, nullable=False),
+    sa.Column("granted_ms", sa.BigInteger, nullable=False),
+    sa.Column("beyond_grant_ms", sa.BigInteger, nullable=False),
+    sa.Column("ended_at", TZ),
+)

@@ -12,7 +12,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from worker import db, periods, quota
+from worker import db, periods, quota, sessions
 from worker.logs import get_logger
 from worker.maintenance import progress
 from worker.maintenance.runner import JobRun, is_lock_timeout, run_job, set_lock_timeout
@@ -152,4 +152,14 @@ def run_sweep(now: datetime) -> JobRun[inbox.SweepResult]:
         "sweep",
         lambda conn: inbox.sweep(conn, now),
         lambda swept: {"requeued": len(swept.requeue), "dead_lettered": len(swept.dead_lettered)},
+    )
+
+
+# -- sessions.expire -------------------------------------------------------------------------------------
+
+
+def run_expire_sessions(now: datetime) -> JobRun[sessions.Expired]:
+    """sessions.expire in the job's transaction; the grants of the sessions it ended return once committed."""
+    return run_job(
+        "expire_sessions", lambda conn: sessions.expire(conn, now), lambda expired: {"expired": expired.count}
     )

@@ -67,3 +67,9 @@ def aggregate_usage(self: WorkerTask, now: str | None = None) -> dict[str, Any]:
 def sweep(self: WorkerTask, now: str | None = None) -> dict[str, Any]:
     at = _now(self, now)
     return _run(self, lambda: jobs.run_sweep(at))
+
+
+@app.task(name="sessions.expire", base=WorkerTask, bind=True)
+def expire_sessions(self: WorkerTask, now: str | None = None) -> dict[str, Any]:
+    at = _now(self, now)
+    return _run(self, lambda: jobs.run_expire_sessions(at))
