@@ -42,15 +42,36 @@ def drop_database(name: str) -> None:
 
 
 def claim_redis_db(run_id: str, numbers: Iterable[int] = range(15, 0, -1), base_url: str = REDIS_BASE) -> int:
-    """The first empty Redis database among `numbers`, claimed with a lock key holding `run_id`. The test
-    suite claims its own the same way (from 1 up; the bench from 15 down), so no two runs share one."""
+    """The first empty Redis database among `numbers`, claimed with a lock key holding `run_id` (which
+    starts with the run's pid). The test suite claims its own the same way (from 1 up; the bench from 15
+    down), so no two runs share one. A database claimed by a run whose process is gone (killed, or a run
+    that never reached its teardown) is emptied and claimed again."""
+    numbers = list(numbers)
     for number in numbers:
         client = redis.Redis.from_url(f"{base_url}/{number}")
         if client.set(REDIS_LOCK_KEY, run_id, nx=True, ex=3 * 3600):
             if client.dbsize() == 1:
                 return number
             client.delete(REDIS_LOCK_KEY)
+    for number in numbers:
+        client = redis.Redis.from_url(f"{base_url}/{number}")
+        owner = client.get(REDIS_LOCK_KEY)
+        pid = owner.split(b"_")[0] if owner is not None else b""
+        if pid.isdigit() and not _alive(int(pid)):
+            client.flushdb()
+            if client.set(REDIS_LOCK_KEY, run_id, nx=True, ex=3 * 3600):
+                return number
     raise RuntimeError("no empty Redis database among 1-15: stale runs? `redis-cli -n N flushdb` frees one")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def reset_redis(redis_url: str, run_id: str) -> None:

@@ -30,8 +30,9 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import sqlalchemy as sa
-from conftest import environment, insert_user
 
+from support.factories import insert_user
+from support.run import environment
 from worker.metering import pipeline
 from worker.stripe import api, inbox, webhook
 
