@@ -270,16 +270,22 @@ async def _session_report(request: Request) -> tuple[str, models.SessionReport] 
     return session_id, body
 
 
-async def heartbeat(request: Request) -> Response:
+async def _reported(
+    request: Request, call: Callable[..., Any], route: str
+) -> sessions.Grant | sessions.Closed | Response:
+    """A heartbeat's or an end's report run as `call(conn, session_id, used_seconds, now)`."""
     report = await _session_report(request)
     if isinstance(report, Response):
         return report
     session_id, body = report
     now = utcnow()
-    answer = await _run_session_call(
-        lambda conn: sessions.heartbeat(conn, session_id, body.used_seconds, now), "POST /v1/sessions/heartbeat"
-    )
+    return await _run_session_call(lambda conn: call(conn, session_id, body.used_seconds, now), route)
+
+
+async def heartbeat(request: Request) -> Response:
+    answer = await _reported(request, sessions.heartbeat, "POST /v1/sessions/heartbeat")
     if isinstance(answer, sessions.Closed):
+        session_id = answer.session_id
         reason = (f"session {session_id} is {answer.state}: nothing was recorded; send its total to "
                   f"/v1/sessions/{session_id}/end and start a new session")  # fmt: skip
         return _answer(models.SessionOver(reason, _ended(answer)), 409)
@@ -287,14 +293,7 @@ async def heartbeat(request: Request) -> Response:
 
 
 async def end_session(request: Request) -> Response:
-    report = await _session_report(request)
-    if isinstance(report, Response):
-        return report
-    session_id, body = report
-    now = utcnow()
-    answer = await _run_session_call(
-        lambda conn: sessions.end(conn, session_id, body.used_seconds, now), "POST /v1/sessions/end"
-    )
+    answer = await _reported(request, sessions.end, "POST /v1/sessions/end")
     if isinstance(answer, Response):
         return answer
     assert isinstance(answer, sessions.Closed)  # an end always closes

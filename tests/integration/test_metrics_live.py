@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -15,6 +14,7 @@ from kombu.exceptions import OperationalError
 from prometheus_client.parser import text_string_to_metric_families
 from support.http_server import black_hole, free_port, serve_in_subprocess
 from support.run import REDIS_BASE, RUN_ID, TEST_ENV
+from support.servers import shared_rabbitmq_vhost
 
 from bench.harness import claim_redis_db, release_redis
 from worker import db, health
@@ -53,19 +53,9 @@ def redis_broker_url() -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def rabbitmq_url() -> Iterator[str]:
-    """A RabbitMQ vhost of this run on the machine's broker, deleted afterwards (the default vhost is never touched)."""
-    vhost = f"ws_test_{RUN_ID}_metrics"
-
-    def rabbitmqctl(*args: str) -> None:
-        done = subprocess.run(["rabbitmqctl", *args], capture_output=True, text=True, timeout=60)
-        assert done.returncode == 0, f"rabbitmqctl {' '.join(args)} failed (is RabbitMQ up?): {done.stderr[-500:]}"
-
-    rabbitmqctl("add_vhost", vhost)
-    try:
-        rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
-        yield f"amqp://guest:guest@127.0.0.1:5672/{vhost}"
-    finally:
-        rabbitmqctl("delete_vhost", vhost)
+    """A RabbitMQ vhost of this module on the machine's broker, deleted afterwards (never the default one)."""
+    with shared_rabbitmq_vhost(f"ws_test_{RUN_ID}_metrics") as url:
+        yield url
 
 
 def test_queue_depths_and_unacked_messages_come_from_a_redis_broker(redis_broker_url: str) -> None:
