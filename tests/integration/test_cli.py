@@ -141,3 +141,27 @@ def test_rebuild_usage_refuses_times_without_an_offset_and_empty_ranges(capsys) 
     assert exit_info.value.code == 2
     assert "has no UTC offset" in capsys.readouterr().err
     assert run(capsys, "rebuild-usage", "--from", "2027-01-02", "--to", "2027-01-01T00:00Z")[0] == 2
+
+
+def test_replay_all_goes_on_past_a_letter_whose_replay_raises(capsys, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A replayer failing with something else than a rejection (a bug, a constraint) is reported for its
+    letter, which stays; the letters after it are still replayed."""
+    from worker import dead_letters
+
+    now = datetime.now(UTC)
+    with db.transaction() as conn:
+        user = insert_user(conn)
+        write(conn, [Letter("broken", {"n": 1}, "first"), Letter("usage", event(user, "fine", now, 5), "later")], now)
+
+    def explode(_conn: object, _payload: object, _now: datetime) -> None:
+        raise RuntimeError("the replayer has a bug")
+
+    monkeypatch.setitem(dead_letters._replayers, "broken", explode)
+    status, out, _ = run(capsys, "dead-letters", "replay", "--all")
+
+    first, second, total = out.splitlines()
+    assert status == 1
+    assert first.endswith("failed: RuntimeError: the replayer has a bug (the letter stays)")
+    assert second.endswith(": applied") and total == "1 of 2 dead letters applied"
+    assert query("SELECT source FROM dead_letters WHERE replayed_at IS NULL") == [("broken",)]
+    assert query("SELECT event_id FROM usage_events") == [("fine",)]
