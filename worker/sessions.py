@@ -94,6 +94,7 @@ from worker import db, quota
 from worker.cache import HELD, live_grants_key, redis_client
 from worker.config import settings
 from worker.dead_letters import Rejected
+from worker.errors import Invalid
 from worker.logs import get_logger
 from worker.metering import events, pipeline
 
@@ -109,12 +110,8 @@ class UnknownSession(LookupError):
     """No session has this id."""
 
 
-class BadInput(ValueError):
+class BadInput(Invalid):
     """A session's labels or a reported total that cannot be used as they are; `reason` says why."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
 
 
 class ReservationLost(Exception):
@@ -510,7 +507,7 @@ def _usage_events(row: Any, growth_ms: int, now: datetime) -> _Usage:
     return _Usage(pieces, start_ms, at)
 
 
-def _record(conn: Connection, usage: _Usage, now: datetime) -> None:
+def _record_usage(conn: Connection, usage: _Usage, now: datetime) -> None:
     """The usage as ordinary events, through the metering path (which publishes the quota after the commit)."""
     outcome = pipeline.apply_events(conn, usage.events, now, dead_letter=False)
     if outcome.rejected:  # e.g. a total that an app ends with long after its session's last report
@@ -659,7 +656,7 @@ def end(conn: Connection, session_id: str, used_seconds: Any, now: datetime) -> 
         return closed
     if reported > row.reported_ms:
         usage = _usage_events(row, reported - row.reported_ms, now)
-        _record(conn, usage, now)
+        _record_usage(conn, usage, now)
         beyond = row.beyond_grant_ms + reported - row.reported_ms
         conn.execute(_REPORT, {"session_id": row.session_id, "now": row.last_seen_at, "reported_ms": reported,
                                "recorded_until": events.to_datetime(usage.end_ms), "granted_ms": 0,
@@ -681,7 +678,7 @@ def _report(conn: Connection, row: Any, reported: int, now: datetime, closing: b
     assert use is not None  # the session's user exists: its row is locked
     reserved = _reserve(row.user_id, row.session_id, "end" if closing else "beat", use, row.granted_ms, neighbours, now)
     if usage is not None:
-        _record(conn, usage, now)
+        _record_usage(conn, usage, now)
     beyond = row.beyond_grant_ms + max(growth - row.granted_ms, 0)
     recorded_until = events.to_datetime(usage.end_ms) if usage else row.recorded_until
     conn.execute(_REPORT, {"session_id": row.session_id, "now": now, "reported_ms": reported,
