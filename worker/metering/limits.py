@@ -30,6 +30,7 @@ _MARK_SUBSCRIPTIONS = sa.text(
     """
     UPDATE subscriptions s
     SET monthly_minutes_used = d.used_ms / 60000,
+        updated_at = :now,
         limit_reached_at = CASE WHEN d.used_ms >= d.limit_ms THEN COALESCE(s.limit_reached_at, :now)
                                 ELSE s.limit_reached_at END
     FROM unnest(CAST(:user_ids AS uuid[]), CAST(:starts AS timestamptz[]), CAST(:used AS bigint[]),

@@ -52,12 +52,11 @@ def new_conversation_counts(conn: Connection, totals: dict[tuple[str, int], Hour
 
 
 _TRACKING_ROWS = """
-    INSERT INTO usage_tracking AS t (user_id, tracked_at, date, hour, microphone_ms, microphone_seconds,
-                                     message_count, conversation_count, language_breakdown, feature_usage,
-                                     is_aggregated)
+    INSERT INTO usage_tracking AS t (user_id, tracked_at, date, hour, microphone_ms, message_count,
+                                     conversation_count, language_breakdown, feature_usage, is_aggregated)
     SELECT r.user_id, :now, (r.hour_start AT TIME ZONE 'UTC')::date,
            EXTRACT(HOUR FROM r.hour_start AT TIME ZONE 'UTC')::int,
-           r.ms, r.ms / 1000, r.messages, r.conversations, r.languages, r.features, false
+           r.ms, r.messages, r.conversations, r.languages, r.features, false
     FROM unnest(CAST(:user_ids AS uuid[]), CAST(:hours AS timestamptz[]), CAST(:ms AS bigint[]),
                 CAST(:messages AS int[]), CAST(:conversations AS int[]), CAST(:languages AS jsonb[]),
                 CAST(:features AS jsonb[]))
@@ -84,7 +83,6 @@ _ADD_TO_TRACKING = sa.text(
     _TRACKING_ROWS
     + f"""
         microphone_ms = t.microphone_ms + EXCLUDED.microphone_ms,
-        microphone_seconds = (t.microphone_ms + EXCLUDED.microphone_ms) / 1000,
         message_count = COALESCE(t.message_count, 0) + EXCLUDED.message_count,
         conversation_count = COALESCE(t.conversation_count, 0) + EXCLUDED.conversation_count,
         language_breakdown = {_sum_merged("language_breakdown")},
@@ -96,7 +94,6 @@ _REPLACE_TRACKING = sa.text(
     _TRACKING_ROWS
     + """
         microphone_ms = EXCLUDED.microphone_ms,
-        microphone_seconds = EXCLUDED.microphone_seconds,
         message_count = EXCLUDED.message_count,
         conversation_count = EXCLUDED.conversation_count,
         language_breakdown = EXCLUDED.language_breakdown,
