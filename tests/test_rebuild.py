@@ -165,5 +165,3 @@ def test_microphone_seconds_cannot_be_written_wrong(connection: sa.Connection, m
 
     assert [c for c in report.changes if c.table == "usage_tracking"] == []
     assert state(connection) == good
-
-

@@ -115,8 +115,9 @@ _READ = sa.text(
 )
 
 
-def _generations(user_ids: list[str]) -> dict[str, int]:
-    """Each user's cache generation; -1 when Redis cannot say, which no publish accepts."""
+def generations(user_ids: list[str]) -> dict[str, int]:
+    """Each user's cache generation; -1 when Redis cannot say, which no publish accepts. Read it before
+    the rows an answer is made of: a change committed after that bumps it."""
     try:
         values = redis_client().mget([GENERATION_PREFIX + user_id for user_id in user_ids]) if user_ids else []
     except redis.RedisError:
@@ -127,7 +128,7 @@ def _generations(user_ids: list[str]) -> dict[str, int]:
 def read(conn: Connection, user_ids: Iterable[str], now: datetime) -> dict[str, Quota]:
     """The quota of each user, from PostgreSQL. Unknown users are absent from the answer."""
     user_ids = sorted(set(user_ids))
-    generations = _generations(user_ids)  # before PostgreSQL: a change committed after this bumps it
+    known = generations(user_ids)  # before PostgreSQL: a change committed after this bumps it
     rows = conn.execute(
         _READ,
         {"user_ids": bare_array(user_ids), "now": now, "free_limit_ms": settings().plan_minutes["free"] * 60_000},
@@ -140,7 +141,7 @@ def read(conn: Connection, user_ids: Iterable[str], now: datetime) -> dict[str, 
             row.used_ms,
             row.period_start,
             row.period_end,
-            generations.get(row.user_id, -1),
+            known.get(row.user_id, -1),
         )
         for row in rows
     }
