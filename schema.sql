@@ -749,9 +749,15 @@ CREATE INDEX IF NOT EXISTS idx_audit_logs_user_created ON audit_logs (user_id, c
 
 -- The usage ledger: one row per accepted microphone-usage event, the source of truth for usage.
 -- The primary key is the idempotency key: an event id counts once, forever.
+-- user_id is a profile's id, kept so without a foreign key (as in usage_hour_conversations below): a
+-- foreign key checks every inserted row on its own (a query and a row lock per event, a sixth of
+-- PostgreSQL's work per metered event), where metering reads and locks the profiles of a whole batch
+-- at once (FOR KEY SHARE, the lock those checks took) before it writes, so no profile goes while its
+-- usage is being recorded. Deleting or truncating profiles deletes their usage, as ON DELETE CASCADE did
+-- (section 5).
 CREATE TABLE IF NOT EXISTS usage_events (
     event_id TEXT PRIMARY KEY CHECK (char_length(event_id) BETWEEN 1 AND 128),
-    user_id UUID NOT NULL REFERENCES profiles (id) ON DELETE CASCADE,
+    user_id UUID NOT NULL,
     started_at TIMESTAMPTZ NOT NULL,
     duration_ms BIGINT NOT NULL CHECK (duration_ms > 0),
     language TEXT NOT NULL,
@@ -760,23 +766,26 @@ CREATE TABLE IF NOT EXISTS usage_events (
     received_at TIMESTAMPTZ NOT NULL
 );
 
+ALTER TABLE usage_events DROP CONSTRAINT IF EXISTS usage_events_user_id_fkey;
+
 CREATE INDEX IF NOT EXISTS idx_usage_events_user_started ON usage_events (user_id, started_at);
--- "distinct conversations among the events of an hour" and per-conversation look-ups
-CREATE INDEX IF NOT EXISTS idx_usage_events_user_conversation
-    ON usage_events (user_id, conversation_id, started_at)
-    WHERE conversation_id IS NOT NULL;
+-- Nothing reads by conversation (counts of distinct conversations per hour are kept in
+-- usage_hour_conversations), and every event paid for an entry.
+DROP INDEX IF EXISTS idx_usage_events_user_conversation;
 
 -- Conversations already counted in a user's UTC hour: usage_tracking.conversation_count counts distinct
 -- conversations per hour, and events of one conversation arrive in many batches. A batch inserts its
 -- (user, hour, conversation) keys here and counts only the ones that were new (ON CONFLICT DO NOTHING
 -- ... RETURNING), so a conversation is counted once per hour whatever the batching.
 CREATE TABLE IF NOT EXISTS usage_hour_conversations (
-    user_id UUID NOT NULL REFERENCES profiles (id) ON DELETE CASCADE,
+    user_id UUID NOT NULL,                          -- a profile's id (no foreign key: see usage_events)
     hour_start TIMESTAMPTZ NOT NULL
         CHECK (date_trunc('hour', hour_start AT TIME ZONE 'UTC') = hour_start AT TIME ZONE 'UTC'),
     conversation_id UUID NOT NULL,
     PRIMARY KEY (user_id, hour_start, conversation_id)
 );
+
+ALTER TABLE usage_hour_conversations DROP CONSTRAINT IF EXISTS usage_hour_conversations_user_id_fkey;
 
 -- Stripe webhook inbox: stored (id unique) before the webhook is answered, then processed by
 -- stripe.process_event; processed_at/outcome record how it ended.
@@ -1177,6 +1186,33 @@ BEGIN
 END
 $audit_triggers$;
 
+-- The usage of deleted profiles goes with them, as ON DELETE CASCADE took it (usage_events and
+-- usage_hour_conversations keep user_id without a foreign key: section 4), in one statement per table for
+-- all the profiles a statement deletes. SECURITY DEFINER, as the cascade of a foreign key: users may delete
+-- their own profile, and have no privileges on the worker's tables.
+CREATE OR REPLACE FUNCTION delete_usage_of_profiles()
+RETURNS TRIGGER
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, public, pg_temp
+AS $$
+BEGIN
+    IF TG_OP = 'TRUNCATE' THEN  -- DELETE: the TRUNCATE that fired this may be truncating them too
+        DELETE FROM usage_events;
+        DELETE FROM usage_hour_conversations;
+    ELSE
+        DELETE FROM usage_events e USING deleted_profiles d WHERE e.user_id = d.id;
+        DELETE FROM usage_hour_conversations c USING deleted_profiles d WHERE c.user_id = d.id;
+    END IF;
+    RETURN NULL;
+END;
+$$;
+
+CREATE OR REPLACE TRIGGER delete_usage_of_profiles
+    AFTER DELETE ON profiles REFERENCING OLD TABLE AS deleted_profiles
+    FOR EACH STATEMENT EXECUTE FUNCTION delete_usage_of_profiles();
+CREATE OR REPLACE TRIGGER truncate_usage_of_profiles
+    AFTER TRUNCATE ON profiles FOR EACH STATEMENT EXECUTE FUNCTION delete_usage_of_profiles();
+
 -- Audio URL encryption (seed), with the key from the setting app.encryption_key.
 -- Fixed from the seed: the ciphertext is stored as base64 text (compact, and independent of the
 -- bytea_output setting that the seed's bytea::text round trip relied on); a missing key is a clear
@@ -1560,7 +1596,7 @@ BEGIN
         'next_period_end(TIMESTAMPTZ, TEXT, BOOLEAN)', 'previous_period_start(TIMESTAMPTZ, TEXT, BOOLEAN)',
         'ledger_ms(UUID, TIMESTAMPTZ, TIMESTAMPTZ, INTERVAL)',
         'update_learning_progress()', 'check_achievements()',
-        'audit_trigger()', 'encrypt_audio_url(TEXT)', 'decrypt_audio_url(TEXT)',
+        'audit_trigger()', 'delete_usage_of_profiles()', 'encrypt_audio_url(TEXT)', 'decrypt_audio_url(TEXT)',
         'create_monthly_partition(DATE)', 'refresh_user_statistics()'
     ]::REGPROCEDURE[] LOOP
         EXECUTE format('REVOKE EXECUTE ON FUNCTION %s FROM PUBLIC, anon, authenticated', v_function);

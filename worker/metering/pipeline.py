@@ -103,7 +103,9 @@ def _insert_ledger(conn: Connection, events: list[UsageEvent], now: datetime) ->
 # -- the batch's users, read once before any write ---------------------------------------------------------
 
 # Each user that exists, the plan of their subscription (NULL: none yet), and the periods overlapping the
-# span of their events (none without a subscription row: ensure_periods gives them one first).
+# span of their events (none without a subscription row: ensure_periods gives them one first). The
+# profiles are locked (FOR KEY SHARE, until the commit) against being deleted: the ledger and the
+# conversation keys hold user ids without a foreign key, whose checks took this lock once per row.
 _READ_USERS = sa.text(
     f"""
     SELECT w.user_id::text, s.plan_type, u.id, u.period_start, u.period_end, u.limit_ms
@@ -114,6 +116,7 @@ _READ_USERS = sa.text(
     LEFT JOIN usage_periods u ON u.user_id = s.user_id
          AND u.period_start < {ms_time("w.last_ms")} AND u.period_end > {ms_time("w.first_ms")}
     ORDER BY w.user_id, u.period_start
+    FOR KEY SHARE OF p
     """
 )
 
