@@ -48,6 +48,13 @@ def backend_cpu_seconds(pid: int) -> float:
     return int(Path(f"/proc/{pid}/schedstat").read_text().split()[0]) / 1e9
 
 
+def redis_cpu_seconds() -> float:
+    from worker.cache import redis_client
+
+    info = redis_client().info("cpu")
+    return info["used_cpu_sys"] + info["used_cpu_user"]
+
+
 class StatementCpu:
     """The backend's CPU time during each statement (and each commit), summed by statement."""
 
@@ -160,16 +167,19 @@ def run(args: argparse.Namespace) -> None:
             recorder.wait()
         python, pg = time.process_time() - python, backend_cpu_seconds(backend) - backend_start
         wall = time.perf_counter() - wall
+        redis_cpu = redis_cpu_seconds()
         published = time.process_time()
         for batch_answers in answers:
             quota.publish(batch_answers)
         published = time.process_time() - published
+        redis_cpu = redis_cpu_seconds() - redis_cpu
         events = sum(len(batch) for batch in measured)
         print(f"{len(measured)} batches, {events:,} events, {args.users:,} users, wall {wall:.2f} s "
               f"({events / wall:,.0f} events/s)")  # fmt: skip
         print(f"  Python (apply_events)   {1000 * python / events:.4f} ms per event")
         print(f"  PostgreSQL backend      {1000 * pg / events:.4f} ms per event")
         print(f"  Python (quota.publish)  {1000 * published / events:.4f} ms per event")
+        print(f"  Redis (quota.publish)   {1000 * redis_cpu / events:.4f} ms per event")
         statements.report(events, pg)
         time.sleep(1.5)  # table statistics reach pg_stat_user_tables within a second
         print("  updates that stayed on their page (HOT), whole run:")
