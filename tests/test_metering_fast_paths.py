@@ -70,15 +70,14 @@ def period(start: datetime, end: datetime, number: int = 1) -> periods.Period:
     return periods.Period(number, "u", start, end, 60_000)
 
 
-def test_uncovered_names_spans_with_a_gap_or_an_uncovered_end() -> None:
-    span = periods.Span(JAN + timedelta(days=20), FEB + timedelta(days=3))
-    assert periods.uncovered({"u": span}, {"u": [period(JAN, FEB), period(FEB, MAR, 2)]}) == {}
-    assert periods.uncovered({"u": span}, {"u": [period(JAN, FEB)]}) == {"u": span}
-    assert periods.uncovered({"u": span}, {"u": [period(FEB, MAR)]}) == {"u": span}
-    assert periods.uncovered({"u": span}, {"u": [period(JAN, FEB), period(FEB + timedelta(days=1), MAR, 2)]}) == {
-        "u": span
-    }
-    assert periods.uncovered({"u": span}, {}) == {"u": span}
+def test_periods_cover_a_span_only_from_its_start_to_its_end_without_a_gap() -> None:
+    first, last = events.to_ms(JAN + timedelta(days=20)), events.to_ms(FEB + timedelta(days=3))
+    assert pipeline.covers([period(JAN, FEB), period(FEB, MAR, 2)], first, last)
+    assert not pipeline.covers([period(JAN, FEB)], first, last)
+    assert not pipeline.covers([period(FEB, MAR)], first, last)
+    assert not pipeline.covers([period(JAN, FEB), period(FEB + timedelta(days=1), MAR, 2)], first, last)
+    assert not pipeline.covers([], first, last)
+    assert pipeline.covers([period(JAN, FEB)], events.to_ms(JAN), events.to_ms(FEB))  # [start, end) exactly
 
 
 def test_a_user_whose_subscription_row_was_deleted_gets_a_free_one_with_the_next_event(

@@ -21,7 +21,8 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from itertools import pairwise
+from typing import Any, NamedTuple
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
@@ -194,18 +195,27 @@ def _bound_ms(moment: datetime) -> int:
     return to_ms(moment)
 
 
-def _period_usage(events: list[UsageEvent], users: Users) -> PeriodUsage:
-    """Split the usage between the periods read with the users; users whose periods do not cover their
-    usage yet are left to `_add_to_periods`, which creates the periods."""
-    spans = {
-        user_id: periods.Span(to_datetime(first), to_datetime(last))
-        for user_id, (first, last) in _spans_ms(events).items()
-    }
-    by_user = {
-        user_id: [p for p in users.periods.get(user_id, ()) if p.start < span.last and p.end > span.first]
-        for user_id, span in spans.items()
-    }
-    missing = periods.uncovered(spans, by_user)
+def covers(found: Sequence[periods.Period], first_ms: int, last_ms: int) -> bool:
+    """Whether periods (in time order) cover [first_ms, last_ms) without a gap."""
+    return (
+        bool(found)
+        and _bound_ms(found[0].start) <= first_ms
+        and _bound_ms(found[-1].end) >= last_ms
+        and all(earlier.end == later.start for earlier, later in pairwise(found))
+    )
+
+
+def _period_usage(events: list[UsageEvent], users: Users, spans: dict[str, tuple[int, int]]) -> PeriodUsage:
+    """Split the usage between the periods read with the users (`spans`: each user's span of `events`);
+    users whose periods do not cover their usage yet are left to `_add_to_periods`, which creates them."""
+    by_user: dict[str, list[periods.Period]] = {}
+    missing: dict[str, periods.Span] = {}
+    for user_id, (first, last) in spans.items():
+        found = [p for p in users.periods.get(user_id, ()) if _bound_ms(p.start) < last and _bound_ms(p.end) > first]
+        if covers(found, first, last):
+            by_user[user_id] = found
+        else:
+            missing[user_id] = periods.Span(to_datetime(first), to_datetime(last))
     added = _split_by_period([e for e in events if e.user_id not in missing], by_user)
     return PeriodUsage(added, missing, _by_id(by_user))
 
@@ -225,7 +235,19 @@ def _split_by_period(events: list[UsageEvent], by_user: dict[str, list[periods.P
     return added
 
 
-def _add_to_periods(conn: Connection, usage: PeriodUsage, events: list[UsageEvent], now: datetime) -> list[Any]:
+class PeriodRow(NamedTuple):
+    """A usage_periods row as a batch updated it."""
+
+    id: int
+    user_id: str
+    period_start: datetime
+    period_end: datetime
+    used_before: int
+    used_ms: int
+    limit_ms: int
+
+
+def _add_to_periods(conn: Connection, usage: PeriodUsage, events: list[UsageEvent], now: datetime) -> list[PeriodRow]:
     """Add the usage to its periods (creating missing ones), raise the alerts it crosses and mark the
     subscriptions; returns the period rows as updated."""
     added, read = usage.added, usage.read
@@ -235,7 +257,8 @@ def _add_to_periods(conn: Connection, usage: PeriodUsage, events: list[UsageEven
         added = {**added, **_split_by_period([e for e in events if e.user_id in usage.missing], by_user)}
         read = {**read, **_by_id(by_user)}
     ids = sorted(added)
-    rows = conn.execute(_ADD_TO_PERIODS, {"ids": bare_array(ids), "ms": bare_array([added[i] for i in ids])}).all()
+    result = conn.execute(_ADD_TO_PERIODS, {"ids": bare_array(ids), "ms": bare_array([added[i] for i in ids])})
+    rows = [PeriodRow(*row) for row in result]
     moved = len(rows) != len(ids) or any(
         (row.period_start, row.period_end) != (read[row.id].start, read[row.id].end) for row in rows
     )
@@ -246,18 +269,20 @@ def _add_to_periods(conn: Connection, usage: PeriodUsage, events: list[UsageEven
     return rows
 
 
-def _quotas(conn: Connection, period_rows: list[Any], users: Users, user_ids: set[str], now: datetime) -> dict:
+def _quotas(
+    conn: Connection, period_rows: list[PeriodRow], users: Users, user_ids: set[str], now: datetime
+) -> dict[str, quota.Quota]:
     """The quota of each user, from the period rows just updated when one of them holds `now` (as
     quota.read would answer after the writes); the others (usage only in an earlier period, or a user whose
     subscription this batch created) are read."""
     answers: dict[str, quota.Quota] = {}
-    for row in period_rows:
-        plan = users.plans.get(row.user_id)
-        if plan is not None and row.period_start <= now < row.period_end:
-            answers[row.user_id] = quota.Quota.from_ms(
-                row.user_id, plan, row.limit_ms, row.used_ms, row.period_start, row.period_end,
-                users.generations.get(row.user_id, -1),
-            )  # fmt: skip
+    plans, generations = users.plans, users.generations
+    for _, user_id, start, end, _, used_ms, limit_ms in period_rows:
+        plan = plans.get(user_id)
+        if plan is not None and start <= now < end:
+            answers[user_id] = quota.Quota.from_ms(
+                user_id, plan, limit_ms, used_ms, start, end, generations.get(user_id, -1)
+            )
     rest = user_ids - answers.keys()
     if rest:
         answers.update(quota.read(conn, rest, now))
@@ -273,6 +298,7 @@ class Screened:
     duplicates: list[str] = field(default_factory=list)
     rejected: list[Rejection] = field(default_factory=list)
     users: Users = field(default_factory=Users)
+    spans: dict[str, tuple[int, int]] = field(default_factory=dict)  # each user's span of `events`, epoch ms
 
 
 def screen(conn: Connection, raw_events: Sequence[Any], now: datetime) -> Screened:
@@ -292,14 +318,16 @@ def screen(conn: Connection, raw_events: Sequence[Any], now: datetime) -> Screen
             continue
         seen.add(event.event_id)
         valid.append((index, event))
+    spans = _spans_ms(event for _, event in valid)
     if valid:
-        screened.users = read_users(conn, _spans_ms(event for _, event in valid))
+        screened.users = read_users(conn, spans)
     known = screened.users.plans
     for index, event in valid:
         if event.user_id in known:
             screened.events.append((index, event))
         else:
             screened.rejected.append(Rejection(index, event.event_id, f"unknown user_id {event.user_id}"))
+    screened.spans = {user_id: span for user_id, span in spans.items() if user_id in known}
     screened.rejected.sort(key=lambda rejection: rejection.index)
     return screened
 
@@ -322,7 +350,8 @@ def apply_events(
         # holds only the writes themselves.
         totals = hourly_totals(new_events)
         tracking = tracking_rows(totals, now)
-        usage = _period_usage(new_events, screened.users)
+        spans = screened.spans if len(new_events) == len(events) else _spans_ms(new_events)
+        usage = _period_usage(new_events, screened.users, spans)
         add_tracking(conn, tracking, totals)
         period_rows = _add_to_periods(conn, usage, new_events, now)
         outcome.quotas = _quotas(conn, period_rows, screened.users, {event.user_id for event in new_events}, now)
