@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import gc
 import os
 import pstats
 import signal
@@ -145,6 +146,7 @@ def run(args: argparse.Namespace) -> None:
             return list(outcome.quotas.values())
 
         db._frames[conn] = [[]]  # after_commit callbacks are collected, not run: publishing is timed apart
+        gc.freeze()  # as the workers and the web do after startup
         for batch in warmup:
             apply(batch)
         profiler = cProfile.Profile() if args.cprofile else None
