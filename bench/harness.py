@@ -87,6 +87,39 @@ def drop_database(name: str) -> None:
         conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
 
 
+class PrivateRedis:
+    """A redis-server of the bench's own on a free port, without persistence (as the tests' private ones),
+    stopped when the block ends: the bench never needs a free database of the shared server."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.directory = Path(tempfile.mkdtemp(prefix="ws_bench_redis_"))
+        self.url = f"redis://127.0.0.1:{port}"
+        self.process: subprocess.Popen | None = None
+
+    def __enter__(self) -> PrivateRedis:
+        self.process = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", str(self.directory)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                redis.Redis.from_url(self.url).ping()
+                return self
+            except redis.ConnectionError:
+                if time.monotonic() > deadline or self.process.poll() is not None:
+                    raise RuntimeError("the bench's redis-server did not start") from None
+                time.sleep(0.05)
+
+    def __exit__(self, *_exc: object) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(timeout=30)
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
 def claim_redis_db(run_id: str, numbers: Iterable[int] = range(15, 0, -1), base_url: str = REDIS_BASE) -> int:
     """The first empty Redis database among `numbers`, claimed with a lock key holding `run_id`. The test
     suite claims its own the same way (from 1 up; the bench from 15 down), so no two runs share one."""
