@@ -756,7 +756,9 @@ CREATE INDEX IF NOT EXISTS idx_audit_logs_user_created ON audit_logs (user_id, c
 -- usage is being recorded. Deleting or truncating profiles deletes their usage, as ON DELETE CASCADE did
 -- (section 5).
 CREATE TABLE IF NOT EXISTS usage_events (
-    event_id TEXT PRIMARY KEY CHECK (char_length(event_id) BETWEEN 1 AND 128),
+    -- COLLATE "C": an event id is an opaque key, compared byte by byte (every insert compares it a few dozen
+    -- times on its way down the primary key; the database's collation compared it as language text).
+    event_id TEXT COLLATE "C" PRIMARY KEY CHECK (char_length(event_id) BETWEEN 1 AND 128),
     user_id UUID NOT NULL,
     started_at TIMESTAMPTZ NOT NULL,
     duration_ms BIGINT NOT NULL CHECK (duration_ms > 0),
@@ -767,6 +769,15 @@ CREATE TABLE IF NOT EXISTS usage_events (
 );
 
 ALTER TABLE usage_events DROP CONSTRAINT IF EXISTS usage_events_user_id_fkey;
+-- A ledger created before event_id was COLLATE "C" gets it (its primary key is rebuilt, under a lock).
+DO $event_id_collation$
+BEGIN
+    IF (SELECT attcollation FROM pg_attribute WHERE attrelid = 'public.usage_events'::regclass
+        AND attname = 'event_id') <> 'pg_catalog."C"'::regcollation THEN
+        ALTER TABLE usage_events ALTER COLUMN event_id TYPE TEXT COLLATE "C";
+    END IF;
+END
+$event_id_collation$;
 
 CREATE INDEX IF NOT EXISTS idx_usage_events_user_started ON usage_events (user_id, started_at);
 -- Nothing reads by conversation (counts of distinct conversations per hour are kept in

@@ -34,6 +34,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.profile", description=__doc__.split("\n\n")[0])
     parser.add_argument("--users", type=int, default=10_000)
     parser.add_argument("--warmup", type=int, default=20, help="batches applied before measuring")
+    parser.add_argument("--ledger", type=int, default=0, help="ledger rows pre-loaded first (as the scaling runs)")
     parser.add_argument("--batches", type=int, default=30, help="batches measured")
     parser.add_argument("--explain", action="store_true", help="auto_explain every statement of one batch")
     parser.add_argument("--cprofile", action="store_true", help="cProfile of the measured batches")
@@ -97,10 +98,18 @@ class StatementCpu:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from bench import harness, run
+
+    with harness.PrivateRedis(run.free_port()) as private_redis:  # the shared server may have no free database
+        harness.REDIS_BASE = private_redis.url
+        return profile(args)
+
+
+def profile(args: argparse.Namespace) -> int:
     from bench import harness
 
     run_id = f"profile{os.getpid()}"
-    redis_db = harness.claim_redis_db(run_id)
+    redis_db = harness.claim_redis_db(run_id, base_url=harness.REDIS_BASE)
     database = f"ws_bench_{run_id}"
     os.environ.update(
         DATABASE_URL=harness.database_url(database),
@@ -132,6 +141,8 @@ def run(args: argparse.Namespace) -> None:
     from worker.metering import pipeline
 
     users = data.create_users(args.users, datetime.now(UTC))
+    if args.ledger:
+        data.grow_ledger(args.ledger, datetime.now(UTC))
     count = (args.warmup + args.batches + 1) * 1000
     stream = data.make_stream("profile", count, users, datetime.now(UTC), 0.02, seed=zlib.crc32(b"profile"))
     batches = [stream.events[start : start + 1000] for start in range(0, len(stream.events) - 999, 1000)]

@@ -36,8 +36,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from bench import harness, run
 
+    with harness.PrivateRedis(run.free_port()) as private_redis:  # the shared server may have no free database
+        harness.REDIS_BASE = private_redis.url
+        return profile(args)
+
+
+def profile(args: argparse.Namespace) -> int:
+    from bench import harness, run
+
     run_id = f"pw{os.getpid()}"
-    redis_db = harness.claim_redis_db(run_id)
+    redis_db = harness.claim_redis_db(run_id, base_url=harness.REDIS_BASE)
     database = f"ws_bench_{run_id}"
     env = run.environment(run_id, database, redis_db)
     os.environ.update(env)

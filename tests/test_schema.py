@@ -320,9 +320,12 @@ SECONDS_BY_TRIGGER = """
 """
 
 
-def test_an_older_database_gets_the_generated_seconds(fresh_database_url: str, make_user: MakeUser) -> None:
+def test_an_older_database_gets_the_generated_seconds_and_byte_ordered_event_ids(
+    fresh_database_url: str, make_user: MakeUser
+) -> None:
     with psycopg.connect(fresh_database_url) as conn:
         conn.execute(SECONDS_BY_TRIGGER)
+        conn.execute('ALTER TABLE usage_events ALTER COLUMN event_id TYPE text COLLATE "default"')
         metered, seed_style = make_user(conn), make_user(conn)
         conn.execute("INSERT INTO usage_tracking (user_id, microphone_ms) VALUES (%s, 61999)", (metered,))
         conn.execute("INSERT INTO usage_tracking (user_id, microphone_seconds) VALUES (%s, 42)", (seed_style,))
@@ -333,6 +336,8 @@ def test_an_older_database_gets_the_generated_seconds(fresh_database_url: str, m
         assert scalar(conn, "SELECT attgenerated FROM pg_attribute WHERE attrelid = 'usage_tracking'::regclass"
                             " AND attname = 'microphone_seconds'") == "s"  # fmt: skip
         assert scalar(conn, "SELECT to_regprocedure('usage_tracking_sync_seconds()')") is None
+        assert scalar(conn, "SELECT attcollation::regcollation::text FROM pg_attribute"
+                            " WHERE attrelid = 'usage_events'::regclass AND attname = 'event_id'") == '"C"'  # fmt: skip
     before = schema_dump(fresh_database_url)
     migrate(fresh_database_url)
     assert schema_dump(fresh_database_url) == before
