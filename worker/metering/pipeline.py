@@ -3,7 +3,8 @@
 Each statement works over rows pre-aggregated in Python and sorted by key, always in the same table
 order, so concurrent batches never deadlock:
 
-    usage_events (ledger, drops duplicates) -> usage_hour_conversations -> usage_tracking
+    profiles (read with the batch's periods, locked FOR KEY SHARE, which no other batch waits for)
+    -> usage_events (ledger, drops duplicates) -> usage_hour_conversations -> usage_tracking
     -> usage_periods -> usage_alerts -> subscriptions
 
 Only events the ledger accepted as new flow into the totals, so redelivered and duplicate events change
