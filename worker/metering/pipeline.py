@@ -148,6 +148,7 @@ def _spans_ms(events: Iterable[UsageEvent]) -> dict[str, tuple[int, int]]:
 
 
 def read_users(conn: Connection, spans: dict[str, tuple[int, int]]) -> Users:
+    """The users of `spans` (each one's span of usage, epoch ms), their profiles locked until the commit."""
     user_ids = sorted(spans)
     users = Users(generations=quota.generations(user_ids))
     rows = conn.execute(
