@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from conftest import insert_user
 from test_metering import NOW, event, tracking_rows
 
-from worker import periods
+from worker import periods, quota
 from worker.dead_letters import Rejected
 from worker.metering import events, pipeline
 
@@ -89,3 +89,23 @@ def test_a_user_whose_subscription_row_was_deleted_gets_a_free_one_with_the_next
     pipeline.apply_events(connection, [event(user, "after", NOW - timedelta(minutes=4), 1)], NOW)
     plan = connection.execute(sa.text("SELECT plan_type FROM subscriptions WHERE user_id = :u"), {"u": user})
     assert plan.scalar_one() == "free"
+
+
+def test_the_quotas_made_from_the_updated_periods_are_what_quota_read_answers(connection: sa.Connection) -> None:
+    utc, kolkata, late, first = (
+        insert_user(connection, timezone=zone) for zone in ("UTC", "Asia/Kolkata", "UTC", "UTC")
+    )
+    for user in (utc, kolkata, late):  # metered before: subscription and periods exist
+        pipeline.apply_events(connection, [event(user, f"before-{user}", NOW - timedelta(days=2), 30)], NOW)
+    batch = [
+        event(utc, "utc-now", NOW - timedelta(minutes=5), 90),
+        event(utc, "utc-across-the-month", NOW - timedelta(minutes=40), 1200),  # December and January
+        event(kolkata, "kolkata", NOW - timedelta(hours=3), 60),  # already January in Kolkata
+        event(late, "late-december", NOW - timedelta(hours=2), 45),  # only the period before the current one
+        event(first, "first-ever", NOW - timedelta(minutes=1), 10),  # no subscription until this batch
+    ]
+    outcome = pipeline.apply_events(connection, batch, NOW)
+    assert len(outcome.accepted) == 5
+    users = [str(user) for user in (utc, kolkata, late, first)]
+    assert outcome.quotas == quota.read(connection, users, NOW)
+    assert outcome.quotas[str(utc)].used_seconds == 90 + 600  # and the 10 of its 20 minutes that are in January
