@@ -109,3 +109,24 @@ def test_the_quotas_made_from_the_updated_periods_are_what_quota_read_answers(co
     users = [str(user) for user in (utc, kolkata, late, first)]
     assert outcome.quotas == quota.read(connection, users, NOW)
     assert outcome.quotas[str(utc)].used_seconds == 90 + 600  # and the 10 of its 20 minutes that are in January
+
+
+def test_the_subscription_follows_its_period_though_only_batches_that_move_a_minute_write_it(
+    connection: sa.Connection,
+) -> None:
+    user = insert_user(connection)
+    rng = random.Random(3)
+    for number in range(90):  # past the free plan's 60 minutes, in steps of 0.5 to 170 s (most move no minute)
+        seconds = rng.choice((0.5, 7.25, 20, 59.999, 61, 170))
+        pipeline.apply_events(connection, [event(user, f"step-{number}", NOW - timedelta(minutes=25), seconds)], NOW)
+        used_ms, minutes, reached = connection.execute(
+            sa.text(
+                "SELECT u.used_ms, s.monthly_minutes_used, s.limit_reached_at FROM subscriptions s"
+                " JOIN usage_periods u ON u.user_id = s.user_id AND u.period_start = s.current_period_start"
+                " WHERE s.user_id = :u"
+            ),
+            {"u": user},
+        ).one()
+        assert minutes == used_ms // 60_000
+        assert (reached is not None) == (used_ms >= 60 * 60_000)
+    assert reached is not None
