@@ -20,6 +20,7 @@ import cProfile
 import gc
 import os
 import pstats
+import shutil
 import signal
 import subprocess
 import sys
@@ -128,6 +129,7 @@ def profile(args: argparse.Namespace) -> int:
     finally:
         db.engine().dispose()
         harness.drop_database(database)
+        shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)
         harness.release_redis(os.environ["REDIS_URL"])
     return 0
 
