@@ -6,9 +6,11 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -36,9 +38,86 @@ def database_url(name: str) -> str:
     return f"{PG_BASE}/{name}"
 
 
+def recommended_settings() -> dict[str, str]:
+    """The PostgreSQL settings the README recommends to operators (its PostgreSQL section), for this
+    machine: shared_buffers a quarter of the memory (PostgreSQL's own guidance) so the indexes every batch
+    writes into stay in PostgreSQL's cache, and WAL room for a checkpoint every 15 minutes rather than
+    every gigabyte (each first write of a page after a checkpoint logs the whole page)."""
+    memory_mib = int(Path("/proc/meminfo").read_text().split()[1]) // 1024
+    return {"shared_buffers": f"{memory_mib // 4}MB", "max_wal_size": "8GB", "checkpoint_timeout": "15min"}
+
+
+class PrivatePostgres:
+    """A PostgreSQL cluster of the bench's own: initdb in a temporary directory (as the postgres user),
+    started on a free port with `settings`, stopped and removed afterwards. The shared server's
+    configuration is never touched."""
+
+    def __init__(self, settings: dict[str, str], port: int) -> None:
+        self.settings, self.port = settings, port
+        self.bindir = Path(subprocess.run(["pg_config", "--bindir"], capture_output=True, text=True,
+                                          check=True).stdout.strip())  # fmt: skip
+        self.directory = Path(tempfile.mkdtemp(prefix="ws_bench_pg_"))
+        self.data = self.directory / "data"
+        self.url = f"postgresql://postgres@127.0.0.1:{port}"
+
+    def _as_postgres(self, *command: str) -> None:
+        subprocess.run(["runuser", "-u", "postgres", "--", *command], check=True, capture_output=True)
+
+    def __enter__(self) -> PrivatePostgres:
+        shutil.chown(self.directory, "postgres")
+        self._as_postgres(str(self.bindir / "initdb"), "-D", str(self.data), "-U", "postgres", "--auth=trust",
+                          "-E", "UTF8", "--locale=C.UTF-8")  # fmt: skip
+        options = " ".join(f"-c {name}={value}" for name, value in {
+            "port": str(self.port), "listen_addresses": "127.0.0.1", "unix_socket_directories": str(self.directory),
+            **self.settings,
+        }.items())  # fmt: skip
+        self._as_postgres(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-l", str(self.directory / "log"),
+                          "-o", options, "-w", "start")  # fmt: skip
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        try:
+            self._as_postgres(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop")
+        finally:
+            shutil.rmtree(self.directory, ignore_errors=True)
+
+
 def drop_database(name: str) -> None:
     with psycopg.connect(database_url("postgres"), autocommit=True) as conn:
         conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+class PrivateRedis:
+    """A redis-server of the bench's own on a free port, without persistence (as the tests' private ones),
+    stopped when the block ends: the bench never needs a free database of the shared server."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.directory = Path(tempfile.mkdtemp(prefix="ws_bench_redis_"))
+        self.url = f"redis://127.0.0.1:{port}"
+        self.process: subprocess.Popen | None = None
+
+    def __enter__(self) -> PrivateRedis:
+        self.process = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", str(self.directory)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                redis.Redis.from_url(self.url).ping()
+                return self
+            except redis.ConnectionError:
+                if time.monotonic() > deadline or self.process.poll() is not None:
+                    raise RuntimeError("the bench's redis-server did not start") from None
+                time.sleep(0.05)
+
+    def __exit__(self, *_exc: object) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(timeout=30)
+        shutil.rmtree(self.directory, ignore_errors=True)
 
 
 def claim_redis_db(run_id: str, numbers: Iterable[int] = range(15, 0, -1), base_url: str = REDIS_BASE) -> int:

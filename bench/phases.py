@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +24,12 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from bench import harness
 from bench.data import Stream, Totals, totals
 from bench.noop import NOOP_TASK
-from worker import db, http_models, quota, sessions
+from worker import db, http_models, quota, sessions, sqlarrays
 from worker.celery import app
 from worker.clock import utcnow
 from worker.config import settings
 from worker.metering import events, pipeline
+from worker.metering.events import to_ms
 
 LATENCY_RATE_FRACTION = 0.5  # latency runs publish at this fraction of the measured throughput
 
@@ -226,49 +228,55 @@ def _measure_latency(
 
 
 def _post_all(
-    url: str, bodies: list[list[dict]], published: dict[str, float], rate: float | None, threads: int
+    url: str, bodies: list[bytes], ids: list[list[str]], published: dict[str, float], rate: float | None, threads: int
 ) -> None:
-    """POST {"events": [...]} bodies from `threads` clients, at `rate` requests per second when given."""
-    headers = {"Authorization": f"Bearer {harness.INGEST_TOKEN}"}
+    """POST the encoded {"events": [...]} bodies from `threads` clients, at `rate` requests per second when
+    given. Bodies are encoded beforehand: app servers post from other machines, so the bench's clients
+    should take as little of these cores as they can."""
+    headers = {"Authorization": f"Bearer {harness.INGEST_TOKEN}", "Content-Type": "application/json"}
     started = time.perf_counter()
 
-    def post(numbered: tuple[int, list[dict]]) -> None:
-        number, events = numbered
+    def post(number: int) -> None:
         if rate:
             delay = started + number / rate - time.perf_counter()
             if delay > 0:
                 time.sleep(delay)
         sent_at = time.time()
-        for event in events:
-            published.setdefault(event["event_id"], sent_at)
-        response = clients[number % threads].post(url, json={"events": events}, headers=headers, timeout=60)
+        for event_id in ids[number]:
+            published.setdefault(event_id, sent_at)
+        response = clients[number % threads].post(url, content=bodies[number], headers=headers, timeout=60)
         if response.status_code != 202 or response.json()["rejected"]:
             raise RuntimeError(f"POST /v1/usage-events answered {response.status_code}: {response.text[:500]}")
 
     clients = [httpx.Client() for _ in range(threads)]
     try:
         with ThreadPoolExecutor(threads) as pool:
-            list(pool.map(post, enumerate(bodies)))
+            list(pool.map(post, range(len(bodies))))
     finally:
         for client in clients:
             client.close()
 
 
+def _encoded(stream: Stream) -> tuple[list[bytes], list[list[str]]]:
+    messages = batch_messages(stream)
+    return [json.dumps({"events": m.args[0]}).encode() for m in messages], [m.ids for m in messages]
+
+
 def http_path(context: Context, stream: Stream, paced_stream: Stream, threads: int = 4) -> Result:
-    """Web and workers running; throughput of bodies posted as fast as `threads` clients can, then latency."""
+    """The web applies each request's events itself (a 202 means committed): throughput of bodies posted
+    as fast as `threads` clients can, then latency; no worker runs."""
     harness.reset_redis(context.redis_url, context.run_id)
     url = f"{context.web_url}/v1/usage-events"
-    bodies = [message.args[0] for message in batch_messages(stream)]
-    paced_bodies = [message.args[0] for message in batch_messages(paced_stream)]
+    bodies, ids = _encoded(stream)
+    paced_bodies, paced_ids = _encoded(paced_stream)
     web = harness.start_web(context.env, context.log_dir)
-    worker = harness.start_worker("bench-http", context.env, context.log_dir, context.concurrency)
     try:
-        with harness.MemoryWatch(web, worker):
-            completions = harness.Completions([harness.LogReader(worker.log_path)])
+        with harness.MemoryWatch(web):
+            completions = harness.Completions([harness.LogReader(web.log_path)])
             before = totals()
             published: dict[str, float] = {}
-            account, cpu_start = context.cpu_account(web, worker), harness.machine_cpu_seconds()
-            _post_all(url, bodies, published, None, threads)
+            account, cpu_start = context.cpu_account(web), harness.machine_cpu_seconds()
+            _post_all(url, bodies, ids, published, None, threads)
             completions.wait_for(stream.unique_ids, timeout=600)
             cpu = harness.machine_cpu_seconds() - cpu_start
             first_post = min(published.values())
@@ -280,18 +288,17 @@ def http_path(context: Context, stream: Stream, paced_stream: Stream, threads: i
             result.latency_rate = LATENCY_RATE_FRACTION * result.rate
             paced_published: dict[str, float] = {}
             per_body = len(paced_stream.events) / len(paced_bodies)
-            _post_all(url, paced_bodies, paced_published, result.latency_rate / per_body, threads)
+            _post_all(url, paced_bodies, paced_ids, paced_published, result.latency_rate / per_body, threads)
             completions.wait_for(paced_stream.unique_ids, timeout=300)
             result.latencies = [completions.done[i] - paced_published[i] for i in paced_stream.unique_ids]
             check_totals("http (latency run)", totals().minus(before), paced_stream)
-        result.memory = worker.memory()
+        result.memory = web.memory()
         result.note = (
-            f"web (`python -m worker web`, {settings().web_concurrency} processes) peak "
+            f"web (`python -m worker web`, WEB_CONCURRENCY={settings().web_concurrency} processes) peak "
             f"{web.memory().child_mib:.0f} MiB per process; {threads} client threads"
         )
     finally:
         web.stop()
-        worker.stop()
     return result
 
 
@@ -351,18 +358,17 @@ def pg_ceiling(context: Context, stream: Stream, batch: int = events.MAX_BATCH_E
         for start in range(0, len(stream.events), batch):
             chunk = stream.events[start : start + batch]
             began = time.perf_counter()
-            with db.engine().connect() as conn:
-                with conn.begin():
-                    pipeline.apply_events(conn, chunk, utcnow())
-                    committing = time.perf_counter()
-                commit += time.perf_counter() - committing
+            with db.transaction() as conn:  # as apply_batch: the quotas are published after the commit
+                pipeline.apply_events(conn, chunk, utcnow())
+                committing = time.perf_counter()
+            commit += time.perf_counter() - committing
             latencies += [time.perf_counter() - began] * len(chunk)
     elapsed = time.perf_counter() - started
     cpu = harness.machine_cpu_seconds() - cpu_start
     result = Result("postgresql", len(stream.unique_ids), elapsed, cpu, account.spent())
     result.latencies = latencies
     result.transaction_seconds_per_event = elapsed / len(stream.unique_ids)
-    result.note = "apply_events in the bench process, one connection, 1,000 events per transaction, no Redis"
+    result.note = "apply_events in the bench process, one connection, 1,000 events per transaction"
     check_totals("postgresql", totals().minus(before), stream)
     publish_seconds = _quota_publish_seconds(stream, batch)
     return result, Breakdown(elapsed, times.seconds, times.calls, commit, publish_seconds)
@@ -378,6 +384,68 @@ def _quota_publish_seconds(stream: Stream, batch: int) -> float:
         users = {event["user_id"] for event in stream.events[start : start + batch]}
         quota.publish(answers[user] for user in users)
     return time.perf_counter() - started
+
+
+# The floor of what metering must write, set-based, on one connection: the ledger (duplicates dropped), the
+# hourly usage_tracking upsert and the subscription counter, over arrays prepared before the clock starts. No
+# validation, no period rows, no alerts, no quotas, every event in its start hour (the totals still add up).
+_BARE_SQL = f"""
+    WITH new AS (
+        INSERT INTO usage_events (event_id, user_id, started_at, duration_ms, language, received_at)
+        SELECT e.event_id, e.user_id, {sqlarrays.ms_time("e.started_ms")}, e.ms, e.language, %(now)s
+        FROM unnest(%(event_ids)s::text[], %(user_ids)s::uuid[], %(started)s::bigint[], %(ms)s::bigint[],
+                    %(languages)s::text[]) AS e(event_id, user_id, started_ms, ms, language)
+        ORDER BY e.event_id
+        ON CONFLICT (event_id) DO NOTHING
+        RETURNING user_id, started_at, duration_ms
+    ), hours AS (
+        INSERT INTO usage_tracking AS t (user_id, tracked_at, date, hour, microphone_ms, message_count)
+        SELECT user_id, %(now)s, (started_at AT TIME ZONE 'UTC')::date,
+               EXTRACT(HOUR FROM started_at AT TIME ZONE 'UTC'), sum(duration_ms), count(*)
+        FROM new GROUP BY 1, 3, 4 ORDER BY 1, 3, 4
+        ON CONFLICT (user_id, date, hour) DO UPDATE SET
+            microphone_ms = t.microphone_ms + EXCLUDED.microphone_ms,
+            message_count = t.message_count + EXCLUDED.message_count
+    )
+    UPDATE subscriptions s SET monthly_minutes_used = s.monthly_minutes_used + d.ms / 60000
+    FROM (SELECT user_id, sum(duration_ms) AS ms FROM new GROUP BY 1 ORDER BY 1) d
+    WHERE s.user_id = d.user_id
+    """
+
+
+def bare_sql(context: Context, stream: Stream, batch: int = events.MAX_BATCH_EVENTS) -> Result:
+    """The set-based floor (_BARE_SQL), a transaction per 1,000 events on one connection."""
+    before = totals()
+    now = utcnow()
+    batches = []
+    for start in range(0, len(stream.events), batch):
+        chunk = stream.events[start : start + batch]
+        batches.append({
+            "now": now,
+            "event_ids": sqlarrays.text_array([e["event_id"] for e in chunk]),
+            "user_ids": sqlarrays.bare_array([e["user_id"] for e in chunk]),
+            "started": sqlarrays.bare_array([to_ms(datetime.fromisoformat(e["started_at"])) for e in chunk]),
+            "ms": sqlarrays.bare_array([round(e["seconds"] * 1000) for e in chunk]),
+            "languages": sqlarrays.text_array([e["language"] for e in chunk]),
+        })  # fmt: skip
+    latencies: list[float] = []
+    with psycopg.connect(settings().database_url, options="-c timezone=UTC") as conn:
+        account, cpu_start = context.cpu_account(), harness.machine_cpu_seconds()
+        started = time.perf_counter()
+        for params in batches:
+            began = time.perf_counter()
+            with conn.transaction():
+                conn.execute(_BARE_SQL, params)
+            latencies += [time.perf_counter() - began] * batch
+        elapsed = time.perf_counter() - started
+        cpu = harness.machine_cpu_seconds() - cpu_start
+        result = Result("bare", len(stream.unique_ids), elapsed, cpu, account.spent())
+    result.latencies = latencies[: len(stream.events)]
+    result.transaction_seconds_per_event = elapsed / len(stream.unique_ids)
+    added = totals().minus(before)
+    check_totals("bare", Totals(added.ledger_events, added.ledger_ms, added.tracking_ms, 0, added.dead_letters),
+                 stream, periods=False)  # fmt: skip
+    return result
 
 
 _NAIVE_LEDGER = """

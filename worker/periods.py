@@ -13,7 +13,6 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from itertools import pairwise
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
@@ -183,22 +182,6 @@ def periods_overlapping(conn: Connection, spans: Mapping[str, Span]) -> dict[str
     for row in rows:
         periods.setdefault(row[1], []).append(Period(row[0], row[1], row[2], row[3], row[4]))
     return periods
-
-
-def uncovered(spans: Mapping[str, Span], known: Mapping[str, list[Period]]) -> dict[str, Span]:
-    """The spans that the given periods (each user's, in time order) do not cover without a gap: the
-    users for whom `ensure_periods` has work to do."""
-    missing = {}
-    for user_id, span in spans.items():
-        found = known.get(user_id)
-        if (
-            not found
-            or found[0].start > span.first
-            or found[-1].end < span.last
-            or any(earlier.end != later.start for earlier, later in pairwise(found))
-        ):
-            missing[user_id] = span
-    return missing
 
 
 def spans_of(intervals: Iterable[tuple[str, datetime, datetime]]) -> dict[str, Span]:

@@ -34,7 +34,7 @@ from sqlalchemy.engine import Connection
 
 from worker import db, periods, quota
 from worker.metering.events import HOUR_MS, HourTotals, UsageEvent, hourly_totals, to_datetime, to_ms
-from worker.metering.tracking import HOUR_START, write_tracking
+from worker.metering.tracking import HOUR_START, replace_tracking
 from worker.sqlarrays import array_literal, bare_array, time_array
 from worker.usage_recount import EVENT_COLUMNS, PeriodTotal, ledger_event, longest_event, recount_periods
 
@@ -260,7 +260,7 @@ def _rebuild_hours(conn: Connection, report: Report, events: list[UsageEvent], n
     if to_set:
         hours_to_set = {key: computed[key] for key in to_set}
         conversations = {key: len(totals.conversations) for key, totals in hours_to_set.items()}
-        write_tracking(conn, hours_to_set, conversations, now, replace=True)
+        replace_tracking(conn, hours_to_set, conversations, now)
     if to_remove:
         conn.execute(_REMOVE_TRACKING, _hour_keys(to_remove))
     report.users_changed.update(user for user, _ in [*to_set, *to_remove])

@@ -54,7 +54,7 @@ subscriptions = sa.Table(
 usage_events = sa.Table(
     "usage_events",
     metadata,
-    sa.Column("event_id", sa.Text, primary_key=True),
+    sa.Column("event_id", sa.Text(collation="C"), primary_key=True),
     sa.Column("user_id", UUID, nullable=False),
     sa.Column("started_at", TZ, nullable=False),
     sa.Column("duration_ms", sa.BigInteger, nullable=False),

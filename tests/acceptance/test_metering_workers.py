@@ -139,10 +139,10 @@ def test_a_period_that_moves_between_the_split_and_the_lock_makes_the_batch_run_
         pipeline.apply_events(conn, [event(user, "before", now - timedelta(hours=2), 60)], now)
     cut = now - timedelta(minutes=30)
     late = [event(user, "across-the-cut", cut - timedelta(minutes=5), 600)]
-    read_periods = pipeline._period_usage
+    split = pipeline._period_usage  # after the periods were read (unlocked) with the users, before the lock
 
-    def read_then_let_stripe_cut(conn, events):
-        usage = read_periods(conn, events)
+    def split_then_let_stripe_cut(*args):
+        usage = split(*args)
         with db.transaction() as stripe:  # another transaction moves the period and commits first
             stripe.execute(
                 sa.text("UPDATE usage_periods SET period_end = :cut WHERE user_id = :u"), {"cut": cut, "u": user}
@@ -154,10 +154,10 @@ def test_a_period_that_moves_between_the_split_and_the_lock_makes_the_batch_run_
                 ),
                 {"u": user, "cut": cut, "end": cut + timedelta(days=30)},
             )
-        monkeypatch.setattr(pipeline, "_period_usage", read_periods)  # once
+        monkeypatch.setattr(pipeline, "_period_usage", split)  # once
         return usage
 
-    monkeypatch.setattr(pipeline, "_period_usage", read_then_let_stripe_cut)
+    monkeypatch.setattr(pipeline, "_period_usage", split_then_let_stripe_cut)
     with pytest.raises(db.StaleRead), db.transaction() as conn:
         pipeline.apply_events(conn, late, now)
     assert db.is_transient(db.StaleRead())

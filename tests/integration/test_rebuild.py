@@ -151,15 +151,16 @@ def test_an_empty_range_is_refused(connection: sa.Connection) -> None:
         rebuild.rebuild(connection, at(11), at(10), NOW)
 
 
-def test_a_wrong_microphone_seconds_alone_is_repaired(connection: sa.Connection, metered) -> None:
-    """The seed's whole-second column, the one dashboards read, written wrong by something else while
-    microphone_ms stayed right."""
+def test_microphone_seconds_cannot_be_written_wrong(connection: sa.Connection, metered) -> None:
+    """The seed's whole-second column, the one dashboards read, is generated from microphone_ms (it used to
+    be kept by a trigger, so a writer could set it alone and wrong, and a rebuild had to repair it): a
+    write of it is refused, and a rebuild finds every hour right."""
     good = state(connection)
-    execute(connection, "UPDATE usage_tracking SET microphone_seconds = microphone_seconds + 7 WHERE hour = 10")
-    assert state(connection) != good
+    with pytest.raises(sa.exc.ProgrammingError, match="generated column"), connection.begin_nested():
+        execute(connection, "UPDATE usage_tracking SET microphone_seconds = microphone_seconds + 7 WHERE hour = 10")
+    assert state(connection) == good
 
     report = rebuild.rebuild(connection, at(10), at(11), NOW)
 
-    assert [(c.table, c.what) for c in report.changes] == [("usage_tracking", "corrected")] * 2
-    assert all("microphone_seconds" in c.detail and "microphone_ms" not in c.detail for c in report.changes)
+    assert [c for c in report.changes if c.table == "usage_tracking"] == []
     assert state(connection) == good

@@ -291,6 +291,49 @@ def test_schema_file_runs_in_one_transaction_and_leaves_operations_out() -> None
     assert not re.search(r"CREATE\s+(ROLE|USER)\s+backup", code, re.I)
 
 
+# usage_tracking.microphone_seconds as schema.sql built it before it became a generated column: a plain
+# column kept by a row trigger.
+SECONDS_BY_TRIGGER = """
+    ALTER TABLE usage_tracking DROP COLUMN microphone_seconds;
+    ALTER TABLE usage_tracking ADD COLUMN microphone_seconds INTEGER NOT NULL DEFAULT 0;
+    CREATE FUNCTION usage_tracking_sync_seconds() RETURNS TRIGGER LANGUAGE plpgsql
+    SET search_path = pg_catalog, public, pg_temp AS $$
+    BEGIN
+        IF (TG_OP = 'INSERT' AND NEW.microphone_ms <> 0)
+           OR (TG_OP = 'UPDATE' AND NEW.microphone_ms IS DISTINCT FROM OLD.microphone_ms) THEN
+            NEW.microphone_seconds := (NEW.microphone_ms / 1000)::integer;
+        END IF;
+        RETURN NEW;
+    END;
+    $$;
+    CREATE TRIGGER usage_tracking_sync_seconds BEFORE INSERT OR UPDATE ON usage_tracking
+        FOR EACH ROW EXECUTE FUNCTION usage_tracking_sync_seconds();
+"""
+
+
+def test_an_older_database_gets_the_generated_seconds_and_byte_ordered_event_ids(
+    fresh_database_url: str, make_user: MakeUser
+) -> None:
+    with psycopg.connect(fresh_database_url) as conn:
+        conn.execute(SECONDS_BY_TRIGGER)
+        conn.execute('ALTER TABLE usage_events ALTER COLUMN event_id TYPE text COLLATE "default"')
+        metered, seed_style = make_user(conn), make_user(conn)
+        conn.execute("INSERT INTO usage_tracking (user_id, microphone_ms) VALUES (%s, 61999)", (metered,))
+        conn.execute("INSERT INTO usage_tracking (user_id, microphone_seconds) VALUES (%s, 42)", (seed_style,))
+    migrate(fresh_database_url)
+    with psycopg.connect(fresh_database_url) as conn:
+        rows = conn.execute("SELECT user_id, microphone_ms, microphone_seconds FROM usage_tracking").fetchall()
+        assert sorted(rows) == sorted([(metered, 61999, 61), (seed_style, 42000, 42)])
+        assert scalar(conn, "SELECT attgenerated FROM pg_attribute WHERE attrelid = 'usage_tracking'::regclass"
+                            " AND attname = 'microphone_seconds'") == "s"  # fmt: skip
+        assert scalar(conn, "SELECT to_regprocedure('usage_tracking_sync_seconds()')") is None
+        assert scalar(conn, "SELECT attcollation::regcollation::text FROM pg_attribute"
+                            " WHERE attrelid = 'usage_events'::regclass AND attname = 'event_id'") == '"C"'  # fmt: skip
+    before = schema_dump(fresh_database_url)
+    migrate(fresh_database_url)
+    assert schema_dump(fresh_database_url) == before
+
+
 def test_existing_supabase_objects_are_left_alone(empty_database_url: str) -> None:
     """On Supabase auth.users has more columns, auth.uid() is theirs and pgcrypto lives in `extensions`."""
     with psycopg.connect(empty_database_url, autocommit=True) as conn:

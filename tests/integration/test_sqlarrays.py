@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta, timezone
 
 import sqlalchemy as sa
 
-from worker.sqlarrays import array_literal, bare_array, time_array
+from worker.sqlarrays import array_literal, bare_array, ms_time, text_array, time_array
 
 AWKWARD = ["plain", 'quote " inside', "back\\slash", "comma, brace { } [ ]", "NULL", "null", " spaced ", "", "é 日本"]
 
@@ -56,3 +56,28 @@ def test_time_arrays_keep_the_instant(connection) -> None:
     assert connection.execute(sa.text("SELECT CAST(:a AS timestamptz[])"), {"a": time_array(moments)}).scalar_one() == (
         moments
     )
+
+
+def test_text_arrays_round_trip_whatever_the_text_holds(connection) -> None:
+    for values in (AWKWARD, ["a", None, "b"], ["NULL", None], [None], ["nul", "nulls", "xnull"], ["é", "日本"], []):
+        back = connection.execute(sa.text("SELECT CAST(:a AS text[])"), {"a": text_array(values)}).scalar_one()
+        assert back == values, values
+
+
+def test_text_arrays_are_bare_when_nothing_needs_quotes() -> None:
+    assert text_array(["3f2a.batch.1", "pt-BR", None, "pronunciation_check"]) == (
+        "{3f2a.batch.1,pt-BR,NULL,pronunciation_check}"
+    )
+    for awkward in ('a"b', "a\\b", "a{", "a}", "a,b", "a b", "a\tb", "", "null", "Null"):
+        assert text_array(["x", awkward]).startswith('{"x",'), awkward
+
+
+def test_milliseconds_become_the_same_instant(connection) -> None:
+    moments = [datetime(1970, 1, 1, tzinfo=UTC), datetime(2027, 3, 10, 11, 59, 0, 999_000, tzinfo=UTC),
+               datetime(2099, 12, 31, 23, 59, 59, 1_000, tzinfo=UTC)]  # fmt: skip
+    ms = [round(moment.timestamp() * 1000) for moment in moments]
+    back = connection.execute(
+        sa.text(f"SELECT array_agg({ms_time('m')} ORDER BY m) FROM unnest(CAST(:ms AS bigint[])) AS m"),
+        {"ms": bare_array(ms)},
+    ).scalar_one()
+    assert back == moments

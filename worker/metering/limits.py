@@ -2,7 +2,10 @@
 
 `subscriptions.monthly_minutes_used` is the seed's whole-minute view of the exact period total, and
 `limit_reached_at` marks the moment usage reached the limit; both are written only when they change, so a
-batch that moves neither writes no subscription row.
+batch that moves neither writes no subscription row. Every writer of a period's usage keeps its
+subscription's minutes in step (metering here, resets and plan changes in periods.py, rebuild-usage), so
+a batch looks up only the subscriptions whose period's whole minutes it moved, or whose period is at its
+limit (about one user in four of a batch, rather than every one).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ _MARK_SUBSCRIPTIONS = sa.text(
     """
     UPDATE subscriptions s
     SET monthly_minutes_used = d.used_ms / 60000,
+        updated_at = :now,
         limit_reached_at = CASE WHEN d.used_ms >= d.limit_ms THEN COALESCE(s.limit_reached_at, :now)
                                 ELSE s.limit_reached_at END
     FROM unnest(CAST(:user_ids AS uuid[]), CAST(:starts AS timestamptz[]), CAST(:used AS bigint[]),
@@ -63,8 +67,15 @@ def raise_alerts(conn: Connection, periods_used: Sequence[Any], now: datetime) -
 
 def mark_subscriptions(conn: Connection, periods_used: Sequence[Any], now: datetime) -> None:
     """Bring each user's subscription in line with its current period's new usage: rows with user_id,
-    period_start, used_ms and limit_ms (rows of other periods than the current one change nothing)."""
-    rows = sorted(periods_used, key=lambda row: row.user_id)
+    period_start, used_before, used_ms and limit_ms (rows of other periods than the current one change
+    nothing)."""
+    rows = sorted(
+        (row for row in periods_used
+         if row.used_ms // 60_000 != row.used_before // 60_000 or row.used_ms >= row.limit_ms),
+        key=lambda row: row.user_id,
+    )  # fmt: skip
+    if not rows:
+        return
     conn.execute(
         _MARK_SUBSCRIPTIONS,
         {

@@ -31,17 +31,23 @@ USAGE_TASKS = {"metering.record_usage": "event", "metering.record_usage_batch": 
 UNWRITABLE_PAUSE = 1.0  # seconds: a letter that cannot be written (PostgreSQL down) sends the message back
 
 
+_CONTAINERS = (dict, list, tuple)
+
+
 def depth(value: Any) -> int:
-    """Nesting depth of decoded JSON (a scalar is 0), without recursion."""
-    deepest, stack = 0, [(value, 0)]
+    """Nesting depth of decoded JSON (a scalar is 0), without recursion, counted up to one past
+    MAX_MESSAGE_DEPTH. Only containers go on the stack: a batch message's thousands of scalars are looked
+    at once each (this runs in the worker's main process for every message)."""
+    if not isinstance(value, _CONTAINERS):
+        return 0
+    deepest, stack = 0, [(value, 1)]
     while stack:
         item, level = stack.pop()
-        if isinstance(item, dict):
-            item = list(item.values())
-        if isinstance(item, (list, tuple)):
-            deepest = max(deepest, level + 1)
-            if level + 1 <= MAX_MESSAGE_DEPTH:
-                stack.extend((child, level + 1) for child in item)
+        deepest = max(deepest, level)
+        if level <= MAX_MESSAGE_DEPTH:
+            for child in item.values() if isinstance(item, dict) else item:
+                if isinstance(child, _CONTAINERS):
+                    stack.append((child, level + 1))
     return deepest
 
 
