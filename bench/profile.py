@@ -158,7 +158,7 @@ def run(args: argparse.Namespace) -> None:
                 outcome = pipeline.apply_events(conn, batch, utcnow())
             return list(outcome.quotas.values())
 
-        db._frames[conn] = [[]]  # after_commit callbacks are collected, not run: publishing is timed apart
+        db._frames[conn] = [db._Frame()]  # after_commit callbacks are collected, not run: publishing is timed apart
         gc.freeze()  # as the workers and the web do after startup
         for batch in warmup:
             apply(batch)
