@@ -8,12 +8,13 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -85,6 +86,20 @@ class PrivatePostgres:
 def drop_database(name: str) -> None:
     with psycopg.connect(database_url("postgres"), autocommit=True) as conn:
         conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def on_private_redis(work: Callable[[], int]) -> int:
+    """`work()` with REDIS_BASE a redis-server of its own: the shared server may have no free database."""
+    global REDIS_BASE
+    with PrivateRedis(free_port()) as private_redis:
+        REDIS_BASE = private_redis.url
+        return work()
 
 
 class PrivateRedis:

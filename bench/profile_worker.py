@@ -34,11 +34,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from bench import harness, run
+    from bench import harness
 
-    with harness.PrivateRedis(run.free_port()) as private_redis:  # the shared server may have no free database
-        harness.REDIS_BASE = private_redis.url
-        return profile(args)
+    return harness.on_private_redis(lambda: profile(args))
 
 
 def profile(args: argparse.Namespace) -> int:

@@ -118,7 +118,8 @@ def storable(payload: Any) -> Any:
         if len(text) > MAX_PAYLOAD_CHARS:
             return _excerpt(f"larger than {MAX_PAYLOAD_CHARS} characters as JSON", payload)
         if "\\u0000" not in text and (text.isascii() or _is_utf8(text)):
-            return payload if _depth_within(payload, MAX_PAYLOAD_DEPTH) else _excerpt(_too_deep(), payload)
+            deep = nesting_depth(payload, MAX_PAYLOAD_DEPTH) > MAX_PAYLOAD_DEPTH
+            return _excerpt(_too_deep(), payload) if deep else payload
     except RecursionError:
         return _excerpt(_too_deep(), payload)
     except (ValueError, TypeError):  # NaN or infinity, an integer too long to print, a type JSON lacks
@@ -145,17 +146,24 @@ def _is_utf8(text: str) -> bool:
     return True
 
 
-def _depth_within(value: Any, limit: int) -> bool:
-    stack = [(value, 0)]
+_CONTAINERS = (dict, list, tuple)
+
+
+def nesting_depth(value: Any, limit: int) -> int:
+    """How deeply decoded JSON nests containers (a scalar is 0, `[1]` is 1), without recursion, counted up
+    to one past `limit`. Only containers go on the stack: a batch message's thousands of scalars are looked
+    at once each (the worker's consumer runs this in its main process for every message)."""
+    if not isinstance(value, _CONTAINERS):
+        return 0
+    deepest, stack = 0, [(value, 1)]
     while stack:
-        item, depth = stack.pop()
-        if depth > limit:
-            return False
-        if isinstance(item, dict):
-            stack.extend((child, depth + 1) for child in item.values())
-        elif isinstance(item, list):
-            stack.extend((child, depth + 1) for child in item)
-    return True
+        item, level = stack.pop()
+        deepest = max(deepest, level)
+        if level <= limit:
+            for child in item.values() if isinstance(item, dict) else item:
+                if isinstance(child, _CONTAINERS):
+                    stack.append((child, level + 1))
+    return deepest
 
 
 # -- writing, listing, replaying ---------------------------------------------------------------------------

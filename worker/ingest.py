@@ -54,14 +54,6 @@ def events_of(body: bytes) -> list[Any]:
     return events
 
 
-def answer(outcome: Outcome) -> dict[str, Any]:
-    return {
-        "accepted": outcome.accepted,
-        "duplicates": outcome.duplicates,
-        "rejected": [rejection.as_dict() for rejection in outcome.rejected],
-    }
-
-
 def ingest(raw_events: list[Any]) -> Outcome:
     """Apply a request's events (committed before this returns), retrying transient failures in place."""
     return in_place(lambda: apply_batch(raw_events, ROUTE), ATTEMPTS, ROUTE)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,11 +13,7 @@ import httpx
 import pytest
 from support.run import ROOT
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from bench.harness import free_port
 
 
 def wait_for_ready(url: str, process: subprocess.Popen, timeout: float = 60.0) -> httpx.Response:

@@ -15,6 +15,7 @@ import httpx
 import uvicorn
 from starlette.applications import Starlette
 
+from bench.harness import free_port
 from support.run import ROOT
 
 
@@ -37,12 +38,6 @@ def serve_in_thread(app: Starlette) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(10)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @contextmanager

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -22,16 +21,12 @@ from pathlib import Path
 
 import redis
 
+from bench.harness import free_port
+
 START_TIMEOUT = 60.0  # seconds
 STOP_TIMEOUT = 30.0  # seconds
 RABBITMQ_SBIN = Path("/usr/lib/rabbitmq/bin")  # the node's own scripts, not the wrappers that switch user
 PG_BIN = Path(os.environ.get("TEST_PG_BIN", "/usr/lib/postgresql/15/bin"))
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def wait_for(

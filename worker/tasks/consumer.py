@@ -20,7 +20,7 @@ from typing import Any
 from celery.worker.consumer import Consumer
 from kombu.message import Message
 
-from worker.dead_letters import Letter, escaped_text, storable_text
+from worker.dead_letters import Letter, escaped_text, nesting_depth, storable_text
 from worker.logs import get_logger
 from worker.tasks.base import write_letters
 
@@ -31,24 +31,9 @@ USAGE_TASKS = {"metering.record_usage": "event", "metering.record_usage_batch": 
 UNWRITABLE_PAUSE = 1.0  # seconds: a letter that cannot be written (PostgreSQL down) sends the message back
 
 
-_CONTAINERS = (dict, list, tuple)
-
-
 def depth(value: Any) -> int:
-    """Nesting depth of decoded JSON (a scalar is 0), without recursion, counted up to one past
-    MAX_MESSAGE_DEPTH. Only containers go on the stack: a batch message's thousands of scalars are looked
-    at once each (this runs in the worker's main process for every message)."""
-    if not isinstance(value, _CONTAINERS):
-        return 0
-    deepest, stack = 0, [(value, 1)]
-    while stack:
-        item, level = stack.pop()
-        deepest = max(deepest, level)
-        if level <= MAX_MESSAGE_DEPTH:
-            for child in item.values() if isinstance(item, dict) else item:
-                if isinstance(child, _CONTAINERS):
-                    stack.append((child, level + 1))
-    return deepest
+    """Nesting depth of a decoded message or event, counted up to one past MAX_MESSAGE_DEPTH."""
+    return nesting_depth(value, MAX_MESSAGE_DEPTH)
 
 
 def _task_name(message: Message) -> str | None:
@@ -95,11 +80,12 @@ class DeadLetteringConsumer(Consumer):
         if events is None:
             self._dead_letter(message, f"message nested deeper than {MAX_MESSAGE_DEPTH} levels")
             return False
-        kept = [event for event in events if depth(event) <= MAX_MESSAGE_DEPTH - 2]
+        too_deep = [depth(event) > MAX_MESSAGE_DEPTH - 2 for event in events]
+        kept = [event for event, deep in zip(events, too_deep, strict=True) if not deep]
         letters = [
             Letter("usage", event, f"event nested deeper than {MAX_MESSAGE_DEPTH - 2} levels", _ref(event), name)
-            for event in events
-            if depth(event) > MAX_MESSAGE_DEPTH - 2
+            for event, deep in zip(events, too_deep, strict=True)
+            if deep
         ]
         if not self._write(message, letters):
             return False

@@ -11,19 +11,18 @@ subscribes, the prefetch the worker subscribes with).
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from celery_batches import Batches, SimpleRequest
 
-from worker import broker
+from worker import broker, db
 from worker.celery import app
 from worker.config import settings
 from worker.dead_letters import Letter, Rejected
 from worker.logs import get_logger
 from worker.metering.events import MAX_BATCH_EVENTS
 from worker.metering.pipeline import apply_batch
-from worker.retry import failure_reason, retry_delay
+from worker.retry import failure_reason, in_place
 from worker.tasks.base import WorkerTask, write_letters
 
 log = get_logger(__name__)
@@ -119,18 +118,14 @@ def _event_of(request: SimpleRequest) -> Any:
 def record_usage(requests: list[SimpleRequest]) -> None:
     """One event per message; a flush applies all buffered events in one transaction."""
     events = [_event_of(request) for request in requests]
-    for attempt in range(FLUSH_ATTEMPTS):
-        try:
-            apply_batch(events, "metering.record_usage")
+    try:
+        in_place(lambda: apply_batch(events, "metering.record_usage"), FLUSH_ATTEMPTS, "metering.record_usage")
+        return
+    except Exception as exc:
+        if not db.is_transient(exc):
+            log.exception("usage_flush_failed", events=len(events))
+            write_letters(_letters(events, failure_reason(exc, 0), "metering.record_usage"))
             return
-        except Exception as exc:
-            delay = retry_delay(exc, attempt)
-            if delay is None:
-                log.exception("usage_flush_failed", events=len(events))
-                write_letters(_letters(events, failure_reason(exc, attempt), "metering.record_usage"))
-                return
-            log.warning("usage_flush_retry", attempt=attempt + 1, events=len(events), error=str(exc))
-            time.sleep(delay)
     # Still failing: hand the events to the batch task, whose retries and dead letters take over.
     for start in range(0, len(events), MAX_BATCH_EVENTS):
         app.send_task("metering.record_usage_batch", args=[events[start : start + MAX_BATCH_EVENTS]])
